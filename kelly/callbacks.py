@@ -12,8 +12,9 @@ __all__ = ['SYNTH_FEATURES', 'SYNTH_HIDDEN', 'CANCEL_EXCEPTIONS', 'INNER_LOOP_EV
            'newest_valid_checkpoint', 'optimizer_state', 'load_optimizer_state', 'data_sources', 'capture_data_state',
            'restore_data_state', 'restore_model_optimizer', 'DistInfo', 'launched_by_torchrun', 'init_distributed',
            'shutdown_distributed', 'distributed_session', 'get_rank', 'get_world_size', 'is_main_process',
-           'shard_indices', 'ShardedDL', 'DistributedTraining', 'Checkpoint', 'Rollback', 'top_token_share',
-           'SampleMonitor']
+           'shard_indices', 'ShardedDL', 'DistributedTraining', 'is_training_fit', 'Checkpoint', 'Rollback',
+           'top_token_share', 'SampleMonitor', 'Throughput', 'setup_rank_logging', 'ReliabilityConfig',
+           'reliability_callbacks']
 
 # %% ../nbs/08_callbacks.ipynb #758eefba
 import dataclasses
@@ -43,7 +44,7 @@ from fastai.callback.schedule import ParamScheduler  # also patches Learner.fit_
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.distributed import DistributedDL
-from fastai.learner import Learner
+from fastai.learner import Learner, ValueMetric
 from fastai.losses import MSELossFlat
 from fastai.optimizer import Adam, Optimizer
 from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib, to_detach, to_float
@@ -53,8 +54,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import kelly
-from .core import (Config, KellyError, atomic_write, capture_rng_state, cuda_device_ids, pick_device,
-                        restore_rng_state, seed_everything, sha256_file)
+from .core import (Config, ConfigError, KellyError, atomic_write, capture_rng_state, cuda_device_ids, pick_device,
+                        restore_rng_state, seed_everything, setup_logging, sha256_file)
 
 # %% ../nbs/08_callbacks.ipynb #5eb84570
 _log = logging.getLogger(__name__)
@@ -629,6 +630,10 @@ class DistributedTraining(KellyCallback):
         self.learn.model, self.learn.dls.loaders, self.learn.logger = self._plain_model, self._loaders, self._logger
 
 # %% ../nbs/08_callbacks.ipynb #4b2acd5a
+def is_training_fit(learn: Learner) -> bool:
+    "Whether the events now firing belong to `fit`, not to fastai's `validate`/`get_preds`/`tta` (which fire `before_fit` too) or `lr_find`."
+    return bool(learn.create_mbar) and not hasattr(learn, "lr_finder") and not hasattr(learn, "gather_preds")
+
 def _tokenizer_record(tok) -> dict:
     "`{'hash', 'json'}` for a kelly `Tokenizer` (its `save` writes the JSON)."
     with tempfile.TemporaryDirectory() as d:
@@ -690,16 +695,17 @@ class Checkpoint(KellyCallback):
         self._config, self._tokenizer = config, tokenizer
         self.best = {"name": None, "value": None}   # the best checkpoint so far (restored on resume)
         self.saved: list[Path] = []   # files this callback wrote (rank 0), newest last
-        self.resumed_from: Path | None = None
+        self.resumed_from: Path | None = None   # the checkpoint this run continued from
+        self._resume_done = False   # `resume` applies to the first training fit only
 
     # --- state of this callback, saved inside every checkpoint
     def state_dict(self) -> dict: return dict(self.best)
     def load_state_dict(self, state: dict): self.best = {"name": state.get("name"), "value": state.get("value")}
 
     @property
-    def config(self): return self._config if self._config is not None else getattr(self.learn, "config", None)
+    def config(self): return self._config if self._config is not None else vars(self.learn).get("config")   # not the model's, via GetAttr
     @property
-    def tokenizer(self): return self._tokenizer if self._tokenizer is not None else getattr(self.learn, "tokenizer", None)
+    def tokenizer(self): return self._tokenizer if self._tokenizer is not None else vars(self.learn).get("tokenizer")
     @property
     def best_path(self) -> Path | None:
         "The best checkpoint by `monitor` so far."
@@ -707,26 +713,32 @@ class Checkpoint(KellyCallback):
 
     # --- events
     def before_fit(self):
+        if not is_training_fit(self.learn):
+            self.run = False   # validate/get_preds/lr_find: nothing to save or resume (fastai turns it back on after)
+            return
         if self.monitor is not None:
             names = [n for n in getattr(getattr(self.learn, "recorder", None), "metric_names", [])[1:] if n != "time"]
             if self.monitor not in names: raise CallbackError(f"Checkpoint(monitor={self.monitor!r}): the Recorder has no such column; choose one of {names} or monitor=None")
         if is_main_process(): self.directory.mkdir(parents=True, exist_ok=True)
-        self._resume_at, self._iter_offset, self._epoch_cancelled, self._deferred = None, 0, False, False
-        self._epoch_data, self.resumed_from = {}, None
-        if self.resume: self._resume()
+        self._resume_at, self._iter_offset, self._trained_epoch, self._deferred, self._epoch_data = None, 0, False, False, {}
+        self._fresh = True   # this fit starts from its first step (not from a checkpoint)
+        if self.resume and not self._resume_done: self._resume()
+        elif is_main_process() and list_checkpoints(self.directory):
+            _log.warning("%s already holds %d checkpoint(s) of another fit; a fresh fit may replace files of the same steps (resume=True continues instead)",
+                         self.directory, len(list_checkpoints(self.directory)))
+        self._resume_done = True
         distrib_barrier()   # no rank starts (and rank 0 saves nothing) until every rank has read its checkpoint
 
     def before_epoch(self):
-        self._epoch_cancelled = False
+        self._trained_epoch = False
         if self._resume_at is not None and self.learn.epoch < self._resume_at["position"]["epoch"]:
             raise CancelEpochException()   # finished before the interruption
-    def after_cancel_epoch(self): self._epoch_cancelled = True
 
     def before_train(self):
-        self._iter_offset = 0
+        self._iter_offset, self._trained_epoch = 0, True
         if self._resume_at is not None: self._continue_epoch()
         self._epoch_data = capture_data_state(self.learn)   # the data state at the start of this epoch
-        if self.learn.train_iter == 0 and self.learn.epoch == 0 and self.resumed_from is None:
+        if self.learn.train_iter == 0 and self.learn.epoch == 0 and self._fresh:
             self._save(epoch_end=False)   # a starting point, so a rollback always has somewhere to go
 
     def before_batch(self):
@@ -739,7 +751,7 @@ class Checkpoint(KellyCallback):
         if due or (self._deferred and not last_of_epoch): self._save(epoch_end=False)
 
     def after_epoch(self):
-        if self._epoch_cancelled: return   # fastai fires after_epoch for skipped epochs too: nothing to save
+        if not self._trained_epoch: return   # fastai fires after_epoch for skipped epochs too: nothing to save
         if self.monitor is not None:
             v = _monitored_value(self.learn, self.monitor)
             if v is not None and math.isfinite(v) and (self.best["value"] is None or (v < self.best["value"] if self.mode == "min" else v > self.best["value"])):
@@ -823,7 +835,7 @@ class Checkpoint(KellyCallback):
                          path.name, len(state["ranks"]), world)
         self._resume_at = {"position": pos, "rank": state["ranks"][get_rank() if len(state["ranks"]) == world else 0]}
         self.learn.train_iter = pos["train_iter"]
-        self.resumed_from = path
+        self.resumed_from, self._fresh = path, False
         _log.info("resuming from %s (epoch %d, batch %d, step %d)", path, pos["epoch"], pos["batch"], pos["train_iter"])
 
     def _continue_epoch(self):
@@ -881,6 +893,9 @@ class Rollback(KellyCallback):
         self._pending = reason
 
     def before_fit(self):
+        if not is_training_fit(self.learn):
+            self.run = False   # lr_find explodes on purpose; validation has no loss to judge
+            return
         if not isinstance(getattr(self.learn, "checkpoint", None), Checkpoint):
             raise CallbackError("Rollback restores checkpoints: add a kelly Checkpoint callback to the learner")
         self._pending, self._skipping, self._unscaled_lrs = None, False, None
@@ -959,6 +974,9 @@ class SampleMonitor(KellyCallback):
         self.max_token_share, self.seed, self.on_sample = max_token_share, seed, on_sample
         self.reports = deque(maxlen=keep)
 
+    def before_fit(self):
+        if not is_training_fit(self.learn): self.run = False
+
     def after_batch(self):
         step = self.learn.train_iter
         if step % self.every_n_steps: return
@@ -990,3 +1008,77 @@ class SampleMonitor(KellyCallback):
             restore_rng_state(rng)
         ids = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
         return ids.ravel()
+
+# %% ../nbs/08_callbacks.ipynb #377739ca
+class Throughput(KellyCallback):
+    "Items/s and tokens/s (elements of the first input) of each training epoch, over all ranks; logged, and offered as a metric."
+    order, critical, run_valid = 55, False, False
+    def __init__(self): self.items_per_s, self.tokens_per_s = None, None
+    def before_train(self): self._t0, self._items, self._tokens = time.perf_counter(), 0, 0
+    def after_batch(self):
+        x = self.learn.xb[0] if len(self.learn.xb) else None
+        if isinstance(x, torch.Tensor): self._items, self._tokens = self._items + x.shape[0], self._tokens + x.numel()
+    def after_train(self):
+        if _model_device(self.learn.model).type == "cuda": torch.cuda.synchronize()
+        seconds, world = max(time.perf_counter() - self._t0, 1e-9), get_world_size()
+        self.items_per_s, self.tokens_per_s = self._items * world / seconds, self._tokens * world / seconds
+        _log.info("epoch %d: %.0f items/s, %.0f tokens/s over %d rank(s)", self.learn.epoch, self.items_per_s, self.tokens_per_s, world)
+    def metric(self) -> ValueMetric:
+        "A fastai metric (`Learner(metrics=...)`) showing this callback's tokens/s of the last epoch."
+        return ValueMetric(lambda: self.tokens_per_s, "tokens_per_s")
+
+# %% ../nbs/08_callbacks.ipynb #5735c541
+def setup_rank_logging(level: int | str = "INFO",  # rank 0's level
+                       log_file: str | os.PathLike | None = None,  # rank 0 also appends here
+                       stream=None) -> logging.Logger:  # console stream (default stderr)
+    "Rank 0: `setup_logging(level, log_file)`; other ranks: warnings and errors to the console only, no file."
+    if is_main_process(): return setup_logging(level, log_file, stream)
+    return setup_logging("WARNING", None, stream)
+
+# %% ../nbs/08_callbacks.ipynb #c54b527e
+@dataclasses.dataclass
+class ReliabilityConfig(Config):
+    "The settings of the callbacks that keep a long run alive (a section of a trainer's config)."
+    precision: PrecisionName = "auto"  # "auto", "fp32", "bf16" or "fp16" (see `plan_precision`)
+    checkpoint_every: int = 0  # also checkpoint every N training steps (0: at epoch ends only)
+    keep_last: int = 3  # checkpoints kept besides the best
+    monitor: str | None = "valid_loss"  # Recorder column that picks the best checkpoint (None: no best)
+    rollback: bool = True  # roll back on non-finite losses, spikes and sample collapses
+    spike_factor: float = 4.0  # a loss above this times the running median is a spike
+    spike_window: int = 64  # recent losses in the running median
+    lr_factor: float = 0.5  # learning-rate multiplier at each rollback
+    max_rollbacks: int = 3  # the next trigger after this many rollbacks stops the run
+    sample_every: int = 0  # sample-monitor period in training steps (0: off; needs a generate function)
+    max_token_share: float = 0.5  # a sample where one token exceeds this share is a collapse
+    min_validity: float = 0.9  # a sample less valid than this is a collapse
+    version: int = 1  # format version of this config
+
+    def validate(self):
+        "Check values beyond their types; raises `ConfigError` naming the key."
+        for key in ("checkpoint_every", "sample_every"):
+            if getattr(self, key) < 0: raise ConfigError(f"config key '{key}': must be >= 0, got {getattr(self, key)}")
+        for key in ("keep_last", "spike_window", "max_rollbacks"):
+            if getattr(self, key) < 1: raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
+        if self.spike_factor <= 1: raise ConfigError(f"config key 'spike_factor': must be > 1, got {self.spike_factor}")
+        if not 0 < self.lr_factor <= 1: raise ConfigError(f"config key 'lr_factor': must be in (0, 1], got {self.lr_factor}")
+        for key in ("max_token_share", "min_validity"):
+            if not 0 <= getattr(self, key) <= 1: raise ConfigError(f"config key '{key}': must be in [0, 1], got {getattr(self, key)}")
+
+def reliability_callbacks(cfg: ReliabilityConfig,  # the settings
+                          directory: str | os.PathLike,  # the run's checkpoint folder
+                          resume: bool | str | os.PathLike = False,  # see `Checkpoint`
+                          distributed: bool = False,  # add `DistributedTraining` (after `init_distributed`)
+                          generate: Callable[[nn.Module], Any] | None = None,  # the sample monitor's sampler
+                          validity: Callable[[Any], float] | None = None,  # e.g. `tokenizer.grammar.validity`
+                          on_sample: Callable[[np.ndarray, dict], None] | None = None,  # e.g. write the sample
+                          config: Config | dict | None = None,  # the run's whole config, saved in checkpoints
+                          tokenizer=None) -> list[Callback]:  # saved in checkpoints, checked on resume
+    "The callbacks `cfg` asks for: Precision, DistributedTraining, Checkpoint, Rollback, SampleMonitor, Throughput."
+    if cfg.sample_every and generate is None: raise CallbackError("sample_every is set but no generate function was given to the sample monitor")
+    cbs = [Precision(cfg.precision)]
+    if distributed: cbs.append(DistributedTraining())
+    cbs.append(Checkpoint(directory, cfg.checkpoint_every, cfg.keep_last, cfg.monitor, resume=resume, config=config, tokenizer=tokenizer))
+    if cfg.rollback: cbs.append(Rollback(cfg.spike_factor, cfg.spike_window, lr_factor=cfg.lr_factor, max_rollbacks=cfg.max_rollbacks))
+    if cfg.sample_every: cbs.append(SampleMonitor(generate, cfg.sample_every, validity, cfg.min_validity, cfg.max_token_share, on_sample=on_sample))
+    cbs.append(Throughput())
+    return cbs
