@@ -615,6 +615,9 @@ class DistributedTraining(KellyCallback):
             raise DistributedError("DistributedTraining needs a process group: launch with torchrun and call kelly.callbacks.init_distributed() first")
         device = _model_device(self.learn.model)
         if dist.get_backend() == "nccl" and device.type != "cuda": raise DistributedError(f"the nccl backend needs the model on CUDA, it is on {device}")
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            raise DistributedError(f"this rank's device is cuda:{torch.cuda.current_device()} but the model is on {device}: "
+                                   "build the DataLoaders with device=DistInfo.device (fastai moves the model to the loaders' device)")
         self._plain_model = self.learn.model
         self.learn.model = DistributedDataParallel(self._plain_model, device_ids=cuda_device_ids(device),
                                                    find_unused_parameters=self.find_unused_parameters)
