@@ -638,11 +638,11 @@ def is_training_fit(learn: Learner) -> bool:
     return bool(learn.create_mbar) and not hasattr(learn, "lr_finder") and not hasattr(learn, "gather_preds")
 
 def _tokenizer_record(tok) -> dict:
-    "`{'hash', 'json'}` for a kelly `Tokenizer` (its `save` writes the JSON)."
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d)/"tokenizer.json"
-        tok.save(p)
-        text = p.read_text(encoding="utf-8")
+    "`{'hash', 'json'}` for a kelly `Tokenizer` (`Tokenizer.from_json(record['json'])` rebuilds it)."
+    if callable(getattr(tok, "to_json", None)): text = tok.to_json()
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            text = Path(tok.save(Path(d)/"tokenizer.json")).read_text(encoding="utf-8")
     return {"hash": str(tok.hash), "json": text}
 
 def _config_record(cfg) -> dict | None:
