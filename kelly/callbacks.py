@@ -287,6 +287,7 @@ CHECKPOINT_FORMAT = "kelly.checkpoint"  # the `format` field of every checkpoint
 CHECKPOINT_VERSION = 1  # bump when the layout changes; newer files are refused
 SIDECAR_SUFFIX = ".sha256"
 _CHECKPOINT_RE = re.compile(r"^step-(\d{9})(-end)?\.pt$")
+_TEMP_RE = re.compile(r"^\.step-\d{9}(-end)?\.pt(\.sha256)?\..+\.tmp$")   # `atomic_write`'s temp files of a checkpoint
 _REQUIRED_KEYS = ("format", "version", "position", "model", "optimizer", "ranks")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -722,7 +723,9 @@ class Checkpoint(KellyCallback):
         if self.monitor is not None:
             names = [n for n in getattr(getattr(self.learn, "recorder", None), "metric_names", [])[1:] if n != "time"]
             if self.monitor not in names: raise CallbackError(f"Checkpoint(monitor={self.monitor!r}): the Recorder has no such column; choose one of {names} or monitor=None")
-        if is_main_process(): self.directory.mkdir(parents=True, exist_ok=True)
+        if is_main_process():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temp_files()
         self._resume_at, self._iter_offset, self._trained_epoch, self._deferred, self._epoch_data = None, 0, False, False, {}
         self._fresh = True   # this fit starts from its first step (not from a checkpoint)
         if self.resume and not self._resume_done: self._resume()
@@ -801,6 +804,12 @@ class Checkpoint(KellyCallback):
             _log.info("saved checkpoint %s (epoch %d, batch %d, step %d)", path, state["position"]["epoch"], state["position"]["batch"], self.learn.train_iter)
             self._prune(path)
         distrib_barrier()   # the file is complete before any rank could read it (a rollback does)
+
+    def _remove_stale_temp_files(self):
+        "A process killed while writing leaves `atomic_write`'s temp file behind (the rename never happened): remove it."
+        stale = [p for p in self.directory.iterdir() if _TEMP_RE.match(p.name)]
+        for p in stale: p.unlink(missing_ok=True)
+        if stale: _log.info("removed %d unfinished checkpoint write(s) from an interrupted run: %s", len(stale), ", ".join(p.name for p in stale))
 
     def _prune(self, newest: Path):
         "Delete checkpoints older than `newest` beyond the newest `keep_last`, never the best; later files are left alone."

@@ -103,3 +103,25 @@ def test_resume_skips_a_checkpoint_cut_short_by_the_kill(tmp_path, uninterrupted
     assert f"resuming from {ck/'step-000000016-end.pt'}" in log
     resumed = torch.load(tmp_path/"w.pt", weights_only=True)
     for k in uninterrupted: assert torch.equal(resumed[k], uninterrupted[k])
+
+
+def test_sigkill_in_the_middle_of_a_checkpoint_write(tmp_path, uninterrupted):
+    "Killed while step 20's checkpoint is half on disk: no file under the real name, the leftover temp file is removed."
+    ck = tmp_path/"ck"
+    with open(tmp_path/"log_b.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, SCRIPT, "--dir", str(ck), "--report", str(tmp_path/"r"), "--pause-in-save", "20", *COMMON],
+                                cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            _wait_for(proc, "PAUSED IN SAVE 20", RUN_TIMEOUT_S)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None: proc.kill()
+    leftovers = [p.name for p in ck.iterdir() if p.name.startswith(".step-000000020.pt.")]
+    assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")      # half a file, under a temp name only
+    assert list_checkpoints(ck)[-1].name == "step-000000016-end.pt"
+    log = _run(["--dir", str(ck), "--report", str(tmp_path/"r"), "--resume", "--weights", str(tmp_path/"w.pt"), *COMMON], tmp_path/"log_c.txt")
+    assert "removed 1 unfinished checkpoint write(s)" in log and f"resuming from {ck/'step-000000016-end.pt'}" in log
+    assert not [p for p in ck.iterdir() if p.name.endswith(".tmp")]
+    resumed = torch.load(tmp_path/"w.pt", weights_only=True)
+    for k in uninterrupted: assert torch.equal(resumed[k], uninterrupted[k])

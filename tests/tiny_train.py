@@ -8,11 +8,13 @@ a long run uses: Precision, Checkpoint (every N steps + epoch ends, optional res
 --distributed, DistributedTraining (gloo on the CPU). Each rank writes OUT/rank<r>.json: the global training loss
 of every step, the validation losses, the checkpoints it wrote and where it resumed from. Rank 0 saves the final
 weights with --weights. --nan-at S poisons the inputs of step S on rank 0 (a rollback must follow on every rank). --pause-at S prints "PAUSED S" on stdout after step S (its update and its checkpoint, if
-one is due) and sleeps, so a test can SIGKILL it at a known point.
+one is due) and sleeps, so a test can SIGKILL it at a known point; --pause-in-save S does the same half way through
+writing step S's checkpoint file.
 """
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,6 +68,25 @@ class PauseAt(Callback):
             time.sleep(PAUSE_S)
 
 
+def pause_in_save(step: int):
+    "Make the checkpoint write of global step `step` stop half way (bytes in atomic_write's temp file, no rename yet)."
+    import io
+    import kelly.callbacks as kc
+    from kelly.core import atomic_write
+    real_save = kc.save_checkpoint
+    def half_save(state, path):
+        path = Path(path)
+        if path.name != kc.checkpoint_name(step): return real_save(state, path)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+        with atomic_write(path, "wb") as f:
+            f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
+            print(f"PAUSED IN SAVE {step}", flush=True)
+            time.sleep(PAUSE_S)
+    kc.save_checkpoint = half_save
+
+
 def probe_fastai_distributed_dl(learn) -> str:
     "Try fastai's own DistributedDL on this process group; return the error it raises ('' if it works)."
     from fastai.distributed import DistributedDL
@@ -94,6 +115,7 @@ def parse_args(argv=None):
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--pause-at", type=int, default=0)
+    ap.add_argument("--pause-in-save", type=int, default=0, help="stop half way through writing the checkpoint of this step")
     ap.add_argument("--nan-at", type=int, default=0, help="NaN inputs at this step (rank 0 only)")
     ap.add_argument("--distributed", action="store_true")
     ap.add_argument("--probe-fastai-ddl", action="store_true")
@@ -105,6 +127,7 @@ def train(args) -> dict:
            Rollback(), RecordLosses()]
     if args.distributed: cbs.append(DistributedTraining())
     if args.pause_at: cbs.append(PauseAt(args.pause_at))
+    if args.pause_in_save: pause_in_save(args.pause_in_save)
     if args.nan_at: cbs.append(NanAt(args.nan_at))
     learn = synth_learner(args.n_train, args.n_valid, args.bs, args.seed, args.dropout, args.augment, args.lr, cbs=cbs)
     learn.fit_one_cycle(args.epochs, args.lr)
