@@ -636,6 +636,7 @@ class DistributedTraining(KellyCallback):
 # %% ../nbs/08_callbacks.ipynb #4b2acd5a
 def is_training_fit(learn: Learner) -> bool:
     "Whether the events now firing belong to `fit`, not to fastai's `validate`/`get_preds`/`tta` (which fire `before_fit` too) or `lr_find`."
+    # validate/get_preds/tta run inside `learn.no_mbar()`: a fit run inside that context looks like validation here
     return bool(learn.create_mbar) and not hasattr(learn, "lr_finder") and not hasattr(learn, "gather_preds")
 
 def _tokenizer_record(tok) -> dict:

@@ -90,3 +90,20 @@ def test_distributed_without_launcher_is_an_error(tmp_path):
     assert r.returncode != 0
     assert "DistributedError" in r.stderr and "torchrun --nproc_per_node" in r.stderr
     assert not (tmp_path/"ck").exists() and not (tmp_path/"r").exists()   # nothing trained, nothing written
+
+
+def test_two_processes_resume_exactly(runs, tmp_path):
+    "Both ranks' RNG and data states come back: 2 ranks resumed from step 10 end where 2 ranks never stopped."
+    t, _ = runs
+    from kelly.callbacks import list_checkpoints, sidecar_path
+    ck = tmp_path/"ck"
+    ck.mkdir()
+    for p in list_checkpoints(t/"ck2"):
+        if p.name <= "step-000000010.pt":
+            (ck/p.name).write_bytes(p.read_bytes()); sidecar_path(ck/p.name).write_bytes(sidecar_path(p).read_bytes())
+    r = _run([tool("torchrun"), "--standalone", "--nproc_per_node=2", SCRIPT, "--distributed", "--resume",
+              "--dir", str(ck), "--report", str(tmp_path/"r"), "--weights", str(tmp_path/"w.pt"), *COMMON])
+    assert f"resuming from {ck/'step-000000010.pt'}" in r.stderr
+    assert [_report(tmp_path/"r", k)["resumed_from"] for k in (0, 1)] == ["step-000000010.pt"] * 2
+    w2, w3 = torch.load(t/"w2.pt", weights_only=True), torch.load(tmp_path/"w.pt", weights_only=True)
+    for k in w2: assert torch.equal(w2[k], w3[k]), k
