@@ -173,13 +173,14 @@ class Block(nn.Module):
 # %% ../nbs/05_models.ipynb #cb310831
 class KVCache:
     "Preallocated keys and values of every layer, and how many positions are filled."
-    def __init__(self, keys: torch.Tensor,  # [n_layers, batch, heads, capacity, head_dim]
-                 values: torch.Tensor,  # same shape as `keys`
+    def __init__(self, kv: torch.Tensor,  # [n_layers, batch, 2, heads, capacity, head_dim]: keys at [:, :, 0], values at [:, :, 1]
                  length: int = 0):  # positions already filled
-        if keys.shape != values.shape or keys.ndim != 5:
-            raise ModelError(f"KVCache: keys {tuple(keys.shape)} and values {tuple(values.shape)} must share one 5-d shape")
-        self.keys, self.values, self.length = keys, values, length
-        self.layers = list(zip(keys.unbind(0), values.unbind(0)))  # per-layer views, built once
+        if kv.ndim != 6 or kv.shape[2] != 2:
+            raise ModelError(f"KVCache: expected a [n_layers, batch, 2, heads, capacity, head_dim] tensor, got shape {tuple(kv.shape)}")
+        self.kv, self.length = kv, length
+        self.keys, self.values = kv[:, :, 0], kv[:, :, 1]            # [n_layers, batch, heads, capacity, head_dim] views
+        self.layers = [(k, v) for k, v in zip(self.keys.unbind(0), self.values.unbind(0))]  # per-layer views, built once
+        self.layer_kv = list(kv.unbind(0))                                                  # [batch, 2, heads, capacity, head_dim] each
 
     @classmethod
     def empty(cls, config: TransformerConfig,  # the model's config
@@ -188,18 +189,18 @@ class KVCache:
               device=None, dtype=torch.float32):
         "An empty cache for `batch_size` sequences of up to `capacity` positions."
         if capacity < 1 or batch_size < 1: raise ModelError(f"KVCache: capacity ({capacity}) and batch size ({batch_size}) must be positive")
-        shape = (config.n_layers, batch_size, config.n_heads, capacity, config.head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        shape = (config.n_layers, batch_size, 2, config.n_heads, capacity, config.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype))
 
     @property
     def capacity(self) -> int:
         "Most positions the cache can hold."
-        return self.keys.shape[3]
+        return self.kv.shape[4]
 
     @property
     def batch_size(self) -> int:
         "Sequences in the cache."
-        return self.keys.shape[1]
+        return self.kv.shape[1]
 
     def reserve(self, n: int) -> int:  # positions about to be appended
         "Check room for `n` more positions; return the start position. Raises `ModelError` naming the capacity."
@@ -289,20 +290,21 @@ def _default_splits(device: torch.device) -> int:
     return min(torch.get_num_threads(), 8) if device.type == "cpu" else 1
 
 class _PackedLinear:
-    "A linear layer's weight and bias packed into `splits` column blocks for one `baddbmm` call."
+    "A linear layer's weight and bias laid out for fast products with a few rows: `addmm`, or `baddbmm` over column blocks."
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, splits: int):
         out_f, in_f = weight.shape
         s = max(d for d in range(1, splits + 1) if out_f % d == 0)
         blocks = weight.detach().view(s, out_f // s, in_f).transpose(1, 2)   # [s, in, out/s], a view of [out, in]
-        self.weight = blocks.contiguous() if out_f > in_f else blocks         # wide outputs stream faster as [in, out]
+        blocks = blocks.contiguous() if out_f > in_f else blocks             # wide outputs stream faster as [in, out]
         b = bias.detach() if bias is not None else torch.zeros(out_f, dtype=weight.dtype, device=weight.device)
-        self.bias = b.view(s, 1, out_f // s)
         self.splits, self.in_f, self.out_f = s, in_f, out_f
+        self.weight, self.bias = (blocks[0], b) if s == 1 else (blocks, b.view(s, 1, out_f // s))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [B, in]
+        if self.splits == 1: return torch.addmm(self.bias, x, self.weight)
         B = x.shape[0]
         y = torch.baddbmm(self.bias, x.expand(self.splits, B, self.in_f), self.weight)   # [s, B, out/s]
-        return y.transpose(0, 1).reshape(B, self.out_f)
+        return y.view(1, self.out_f) if B == 1 else y.transpose(0, 1).reshape(B, self.out_f)
 
 class IncrementalDecoder:
     "Inference-only fast path of `MusicTransformer` for token-by-token decoding with a `KVCache`."
@@ -342,15 +344,15 @@ class IncrementalDecoder:
         pos = cache.reserve(1)
         B, C, H, D, eps = tokens.shape[0], self.config.width, self.config.n_heads, self.config.head_dim, self.config.norm_eps
         cos, sin = self.rope(pos)
-        x = self.embed[tokens]
-        for (n1w, n1b, qkv_proj, out_proj, n2w, n2b, fc, proj), (keys, values) in zip(self.layers, cache.layers):
-            qkv = qkv_proj(F.layer_norm(x, (C,), n1w, n1b, eps)).view(B, 3, H, D)
-            qk = apply_rope(qkv[:, :2], cos, sin)                     # rotate queries and keys together
-            keys[:, :, pos] = qk[:, 1]
-            values[:, :, pos] = qkv[:, 2]
-            y = F.scaled_dot_product_attention(qk[:, 0, :, None], keys[:, :, :pos + 1], values[:, :, :pos + 1])
-            x = x + out_proj(y.view(B, C))
-            x = x + proj(F.gelu(fc(F.layer_norm(x, (C,), n2w, n2b, eps)), approximate="tanh"))
+        x = F.embedding(tokens, self.embed)
+        for (n1w, n1b, qkv_proj, out_proj, n2w, n2b, fc, proj), kv, (keys, values) in zip(self.layers, cache.layer_kv, cache.layers):
+            qkv = qkv_proj(F.layer_norm(x, (C,), n1w, n1b, eps)).view(B, 3, H, 1, D)   # a fresh tensor: safe to write into
+            qk = qkv.narrow(1, 0, 2)
+            torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin, out=qk)                   # rotate queries and keys in place
+            kv.narrow(3, pos, 1).copy_(qkv.narrow(1, 1, 2))                              # keys and values in one copy
+            y = F.scaled_dot_product_attention(qkv[:, 0], keys.narrow(2, 0, pos + 1), values.narrow(2, 0, pos + 1))
+            x += out_proj(y.view(B, C))
+            x += proj(F.gelu(fc(F.layer_norm(x, (C,), n2w, n2b, eps)), approximate="tanh"))
         cache.length = pos + 1
         return self.head(F.layer_norm(x, (C,), *self.norm, eps))
 
