@@ -12,8 +12,8 @@ __all__ = ['SYNTH_FEATURES', 'SYNTH_HIDDEN', 'CANCEL_EXCEPTIONS', 'INNER_LOOP_EV
            'newest_valid_checkpoint', 'optimizer_state', 'load_optimizer_state', 'data_sources', 'capture_data_state',
            'restore_data_state', 'restore_model_optimizer', 'DistInfo', 'launched_by_torchrun', 'init_distributed',
            'shutdown_distributed', 'distributed_session', 'get_rank', 'get_world_size', 'is_main_process',
-           'shard_indices', 'ShardedDL', 'DistributedTraining', 'is_training_fit', 'Checkpoint', 'Rollback',
-           'top_token_share', 'SampleMonitor', 'Throughput', 'setup_rank_logging', 'ReliabilityConfig',
+           'shard_indices', 'shard_loader', 'ShardedDL', 'DistributedTraining', 'is_training_fit', 'Checkpoint',
+           'Rollback', 'top_token_share', 'SampleMonitor', 'Throughput', 'setup_rank_logging', 'ReliabilityConfig',
            'reliability_callbacks']
 
 # %% ../nbs/08_callbacks.ipynb #758eefba
@@ -418,8 +418,8 @@ def data_sources(learn: Learner) -> dict[str, Any]:
     if _has_state_protocol(dls): out["dls"] = dls
     for i, dl in enumerate(getattr(dls, "loaders", [])):
         if _has_state_protocol(dl) or isinstance(dl, DataLoader): out[f"loaders.{i}"] = dl
-        ds = getattr(dl, "dataset", None)
-        if ds is not None and _has_state_protocol(ds): out[f"loaders.{i}.dataset"] = ds
+        ds = getattr(dl, "dataset", None)   # a loader with its own state_dict speaks for its dataset
+        if not _has_state_protocol(dl) and ds is not None and _has_state_protocol(ds): out[f"loaders.{i}.dataset"] = ds
     return out
 
 def capture_data_state(learn: Learner) -> dict:
@@ -563,6 +563,17 @@ def shard_indices(idxs: Sequence,  # the epoch's indices, in order (the same on 
         idxs += (idxs * (pad // len(idxs) + 1))[:pad]
     return idxs[rank::world_size]
 
+def shard_loader(dl, rank: int, world_size: int):
+    "`dl` sharded for this rank: a `ShardedDL`, or `dl` itself when it already shards for exactly this rank and world."
+    if isinstance(dl, ShardedDL): return dl
+    own = vars(dl)
+    if "rank" in own and "world_size" in own:   # the loader shards itself (e.g. kelly.datasets.WindowLoader)
+        if (own["rank"], own["world_size"]) != (rank, world_size):
+            raise DistributedError(f"{type(dl).__name__} shards for rank {own['rank']} of {own['world_size']}, but this process is rank {rank} of "
+                                   f"{world_size}: build it with rank={rank}, world_size={world_size}")
+        return dl
+    return ShardedDL(dl, rank, world_size)
+
 class ShardedDL(DistributedDL):
     "fastai's `DistributedDL` that runs on gloo (CPU) and nccl, with a strided shard of every global batch of `dl.bs`."
     def __init__(self, dl: DataLoader,  # the loader to shard; its `bs` is the global batch size
@@ -623,7 +634,7 @@ class DistributedTraining(KellyCallback):
         self.learn.model = DistributedDataParallel(self._plain_model, device_ids=cuda_device_ids(device),
                                                    find_unused_parameters=self.find_unused_parameters)
         self._loaders = list(self.learn.dls.loaders)
-        self.learn.dls.loaders = [dl if isinstance(dl, ShardedDL) else ShardedDL(dl) for dl in self._loaders]
+        self.learn.dls.loaders = [shard_loader(dl, get_rank(), get_world_size()) for dl in self._loaders]
         self._logger = self.learn.logger
         if not is_main_process():
             self.learn.logger = noop
