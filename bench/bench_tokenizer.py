@@ -20,6 +20,7 @@ The Bach chorales are built once under $KELLY_HOME by kelly.datasets.bach_choral
 import argparse
 import importlib.metadata
 import os
+import resource
 import sys
 import time
 import warnings
@@ -62,6 +63,7 @@ def main():
     ap.add_argument("--limit", type=int, default=None, help="use only the first N files")
     ap.add_argument("--repeat", type=int, default=5, help="repeats per measurement (best is reported)")
     ap.add_argument("--workers", type=int, default=None, help="processes for the corpus measurement (default: every core)")
+    ap.add_argument("--corpus-repeat", type=int, default=5, help="the corpus measurement tokenizes the files this many times")
     args = ap.parse_args()
 
     import miditok
@@ -105,10 +107,17 @@ def main():
     for name, a, b in rows:
         print(f"{name:28s} {a:16,.0f} {b:16,.0f} {b / a:15.2f}x")
 
-    one = best_of(lambda: list(tokenize_files(kt, files, workers=1)), max(1, args.repeat // 2))
-    many = best_of(lambda: list(tokenize_files(kt, files, workers=workers)), max(1, args.repeat // 2))
-    print(f"\ncorpus file -> ids, kelly tokenize_files: 1 worker {n_notes / one:,.0f} notes/s, {workers} workers "
-          f"{n_notes / many:,.0f} notes/s ({one / many:.2f}x)")
+    corpus = files * args.corpus_repeat  # a bigger job, so that pool start-up is a small part of it
+    for w in (1, workers):
+        r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        s0 = resource.getrusage(resource.RUSAGE_SELF)
+        n_ok = sum(ids is not None for _, ids, _ in tokenize_files(kt, corpus, workers=w))
+        wall = time.perf_counter() - t0
+        r1, s1 = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) + (s1.ru_utime - s0.ru_utime + s1.ru_stime - s0.ru_stime)
+        assert n_ok == len(corpus)
+        print(f"corpus file -> ids, kelly tokenize_files, {len(corpus)} files, {w} worker(s): {n_notes * args.corpus_repeat / wall:,.0f} notes/s "
+              f"(wall {wall:.2f} s, cpu {cpu:.2f} s, {cpu / wall:.2f} cores busy)")
     tokens = sum(len(i) for i in kt_ids)
     print(f"sequence length: kelly {tokens / n_notes:.2f} tokens/note, MidiTok {sum(len(s.ids) for s in mt_seqs) / n_notes:.2f} tokens/note")
     print(f"load average after: {load_average()}")

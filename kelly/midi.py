@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['DRUM_PROGRAM', 'MIDI_MAX', 'DEFAULT_TPQ', 'DEFAULT_QPM', 'DEFAULT_TIME_SIGNATURE', 'MAX_TICK', 'MIN_QPM', 'MAX_QPM',
-           'TEMPO_DTYPE', 'TIME_SIGNATURE_DTYPE', 'NOTE_DTYPE', 'BAR_DTYPE', 'MidiError', 'Track', 'Music',
-           'bar_length', 'bars', 'MidiScan', 'scan_midi', 'parse_midi', 'load_midi', 'to_miditoolkit',
+           'TEMPO_DTYPE', 'TIME_SIGNATURE_DTYPE', 'NOTE_DTYPE', 'BAR_DTYPE', 'MAX_BARS', 'MAX_DELTA', 'MidiError',
+           'Track', 'Music', 'bar_length', 'bars', 'MidiScan', 'scan_midi', 'parse_midi', 'load_midi', 'to_miditoolkit',
            'from_miditoolkit', 'save_midi', 'RepairReport', 'repair', 'QuantizeReport', 'grid_offsets',
            'nearest_values', 'snap_time_signatures', 'snap_onsets', 'quantize', 'synthetic_pop_midi',
            'synthetic_piano_midi']
@@ -176,6 +176,7 @@ class Music:
 
 # %% ../nbs/01_midi.ipynb #741988eb
 BAR_DTYPE = np.dtype([("start", np.int64), ("length", np.int64), ("numerator", np.int16), ("denominator", np.int16)])
+MAX_BARS = 100_000  # about 55 hours of 4/4 at 120 qpm; longer music is refused rather than filling memory
 
 def bar_length(numerator: int, denominator: int, tpq: int) -> int:  # time signature and ticks per quarter
     "Ticks in one bar of `numerator/denominator` (rounded when `tpq` cannot hold it exactly)."
@@ -190,11 +191,13 @@ def bars(time_signatures: np.ndarray,  # `TIME_SIGNATURE_DTYPE` rows sorted by t
         ts = np.concatenate([np.array([(0, *DEFAULT_TIME_SIGNATURE)], TIME_SIGNATURE_DTYPE), ts])
     keep = np.append(ts["tick"][1:] != ts["tick"][:-1], True)  # several at one tick: the last one wins
     ts = ts[keep]
-    out = []
+    out, total = [], 0
     for i, (tick, num, den) in enumerate(ts.tolist()):
         length = bar_length(num, den, tpq)
         seg_end = ts["tick"][i + 1] if i + 1 < len(ts) else max(end_tick + 1, tick + 1)
         n = max(1, -(-(int(seg_end) - tick) // length))
+        total += n
+        if total > MAX_BARS: raise MidiError(f"the music spans more than {MAX_BARS} bars (up to tick {max(end_tick, tick)} at {tpq} ticks per quarter): is an event placed absurdly late?")
         seg = np.zeros(n, BAR_DTYPE)
         seg["start"] = tick + np.arange(n, dtype=np.int64) * length
         seg["length"], seg["numerator"], seg["denominator"] = length, num, den
@@ -446,12 +449,21 @@ def from_miditoolkit(midi: miditoolkit.MidiFile) -> Music:  # e.g. `miditoolkit.
     sigs = [(int(t.time), int(t.numerator), int(t.denominator)) for t in midi.time_signature_changes]
     return Music(int(midi.ticks_per_beat), tracks, tempos, sigs)
 
+MAX_DELTA = 2**28 - 1  # the longest gap between two events a MIDI file can hold (a 4-byte variable-length number)
+
+def _longest_gap(ticks: np.ndarray) -> int:
+    return int(np.diff(np.concatenate([[0], np.sort(ticks)])).max()) if len(ticks) else 0
+
 def _writable_problems(music: Music) -> list[str]:
     problems = []
+    if _longest_gap(np.concatenate([music.tempos["tick"], music.time_signatures["tick"]])) > MAX_DELTA:
+        problems.append(f"a tempo or time signature more than {MAX_DELTA} ticks after the previous event")
     for i, t in enumerate(music.tracks):
         what = f"track {i} ({t.name!r})" if t.name else f"track {i}"
         if not 0 <= t.program <= MIDI_MAX: problems.append(f"{what} has program {t.program}")
         if t.n_notes == 0: continue
+        if _longest_gap(np.concatenate([t.start, t.start + t.duration])) > MAX_DELTA:
+            problems.append(f"{what} has events more than {MAX_DELTA} ticks apart, which a MIDI file cannot hold")
         checks = {"zero-length or negative durations": t.duration <= 0, "pitches outside 0-127": (t.pitch < 0) | (t.pitch > MIDI_MAX),
                   "velocities outside 1-127": (t.velocity < 1) | (t.velocity > MIDI_MAX), "negative starts": t.start < 0}
         problems += [f"{what} has {int(bad.sum())} note(s) with {k}" for k, bad in checks.items() if bad.any()]

@@ -849,7 +849,7 @@ def _init_worker(tokenizer_json: str):
     _worker_tokenizer = Tokenizer.from_json(tokenizer_json)
 
 def _error_text(path, e: Exception) -> str:
-    if isinstance(e, KellyError): return str(e)
+    if isinstance(e, KellyError): return str(e) if str(path) in str(e) else f"{path}: {e}"
     _log.warning("%s: unexpected %s: %s", path, type(e).__name__, e)
     return f"{path}: unexpected {type(e).__name__}: {e}"
 
