@@ -4,48 +4,40 @@
 
 # %% auto #0
 __all__ = ['logger', 'BACH_SOURCE_DIR', 'BACH_SOURCE_SUFFIXES', 'BACH_FOLDER', 'BACH_MANIFEST', 'BACH_FORMAT_VERSION',
-           'MIDI_SUFFIXES', 'TOKEN_CACHE_FORMAT_VERSION', 'TOKEN_CACHE_DIR', 'TOKEN_CACHE_MANIFEST',
-           'TOKEN_CACHE_REPORT', 'STREAM_WINDOW', 'STREAM_TRANSPOSE', 'STREAM_VELOCITY', 'STREAM_TEMPO',
-           'MAX_TRANSPOSE', 'DatasetError', 'cpu_workers', 'bach_sources', 'bach_chorales', 'CorpusFile', 'MidiCorpus',
-           'split_by_piece', 'token_dtype', 'corpus_file_index', 'corpus_key', 'default_cache_folder', 'TokenCache',
-           'tokenize_stream', 'CounterRNG', 'TokenWindows', 'AugmentConfig', 'Augmentation', 'RandomWindows',
-           'SlidingWindows', 'WindowLoader', 'LMDataConfig', 'lm_dataloaders']
+           'TOKEN_CACHE_FORMAT_VERSION', 'TOKEN_CACHE_DIR', 'TOKEN_CACHE_MANIFEST', 'TOKEN_CACHE_REPORT',
+           'STREAM_WINDOW', 'STREAM_TRANSPOSE', 'STREAM_VELOCITY', 'STREAM_TEMPO', 'MAX_TRANSPOSE', 'DatasetError',
+           'bach_sources', 'bach_chorales', 'CorpusFile', 'MidiCorpus', 'split_by_piece', 'token_dtype',
+           'corpus_file_index', 'corpus_key', 'default_cache_folder', 'TokenCache', 'CounterRNG', 'TokenWindows',
+           'AugmentConfig', 'Augmentation', 'RandomWindows', 'SlidingWindows', 'WindowLoader', 'LMDataConfig',
+           'lm_dataloaders']
 
 # %% ../nbs/04_datasets.ipynb #11d6f4dc
 import dataclasses
 import hashlib
-import io
 import importlib
+import io
 import json
-import logging
 import math
 import os
-import shutil
 import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-import torch
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastprogress.fastprogress import progress_bar
 
-from .core import Config, ConfigError, KellyError, atomic_write, kelly_path, sha256_file
+from .core import Config, ConfigError, KellyError, atomic_write, get_logger, kelly_path, sha256_file
+from .tokenizer import MIDI_SUFFIXES, default_workers, tokenize_files
 
 # %% ../nbs/04_datasets.ipynb #12a88afc
-logger = logging.getLogger(__name__)
+logger = get_logger("kelly.datasets")   # the same logger in the notebook and in the module
 
 class DatasetError(KellyError):
     "A corpus, cache or dataset that kelly cannot use; the message names the folder or file and what to do."
-
-def cpu_workers() -> int:
-    "The number of CPU cores this process may use (its affinity mask where the OS has one)."
-    try: return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError: return max(1, os.cpu_count() or 1)
 
 _LOCK_NAME = ".lock"  # hidden lock file in corpus and cache folders
 _fcntl = importlib.import_module("fcntl") if os.name == "posix" else None
@@ -73,6 +65,10 @@ def _read_json(path: Path) -> dict | None:
 
 def _write_json(path: Path, data: dict):
     with atomic_write(path) as f: json.dump(data, f, indent=1)
+
+def _progress(items: Iterable, total: int, show: bool) -> Iterable:
+    "`items` behind a fastprogress bar when `show` (the only terminal output of this module)."
+    return progress_bar(items, total=total) if show and total else items
 
 # %% ../nbs/04_datasets.ipynb #165fab16
 BACH_SOURCE_DIR = "bach"                # music21's corpus folder with the scores
@@ -172,22 +168,19 @@ def _bach_piece_ok(p: Path, entry: dict | None, version: str) -> bool:
 def _convert_all(sources: list[Path], workers: int | None, progress: bool):
     "Yield `(source, (midi_bytes, reason))` as conversions finish, in a process pool when there is more than one."
     if not sources: return
-    workers = min(workers or cpu_workers(), len(sources))
-    bar = (lambda it: progress_bar(it, total=len(sources))) if progress else (lambda it: it)
+    workers = min(workers or default_workers(), len(sources))
     if workers == 1:
-        for s in bar(sources): yield s, _convert_score(str(s))
+        for s in _progress(sources, len(sources), progress): yield s, _convert_score(str(s))
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(_convert_score, str(s)): s for s in sources}
         try:
-            for fut in bar(as_completed(futures)): yield futures[fut], fut.result()
+            for fut in _progress(as_completed(futures), len(sources), progress): yield futures[fut], fut.result()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
 
 # %% ../nbs/04_datasets.ipynb #4d2c57fb
-MIDI_SUFFIXES = (".mid", ".midi", ".kar", ".smf")  # file name endings read as MIDI (any letter case)
-
 @dataclasses.dataclass(frozen=True)
 class CorpusFile:
     "One file of a corpus, as one `stat` call saw it."
@@ -315,7 +308,7 @@ class TokenCache:
         self.names, self.n_tokens = list(m["docs"]), int(m["n_tokens"])
         self.offsets = _load_offsets(self.folder, m)
         _check_token_file(self.folder, m, self.dtype, verify)
-        self._tokens = None
+        self._tokens, self._fd = None, None
 
     @classmethod
     def for_corpus(cls, corpus: "MidiCorpus | str | os.PathLike",  # a corpus or its folder
@@ -336,8 +329,11 @@ class TokenCache:
             if old is not None:
                 why = _stale_reason(old, tokenizer, corpus_key(index), index)
                 if why is None:
-                    try: return cls(folder, verify=verify)
+                    try: cache = cls(folder, verify=verify)
                     except DatasetError as e: logger.warning("%s; rebuilding it", e)
+                    else:
+                        if index != old["files"]: _write_json(folder/TOKEN_CACHE_MANIFEST, {**old, "files": index})  # touched, same bytes: remember the new mtimes
+                        return cache
                 else: logger.info("rebuilding token cache %s: %s", folder, why)
             elif (folder/TOKEN_CACHE_MANIFEST).exists(): logger.warning("%s; rebuilding it", unreadable)
             else: logger.info("building token cache %s for %s", folder, corpus.root)
@@ -372,9 +368,25 @@ class TokenCache:
         "The ids of document `i` (a read-only view into the memory map)."
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
+    def read(self, start: int, stop: int) -> np.ndarray:  # a range of the flat array
+        "A copy of ids `start:stop`, read with one positional read: unlike the memory map, nothing stays resident in this process."
+        if not hasattr(os, "pread"): return np.array(self.tokens[start:stop])
+        if self._fd is None: self._fd = os.open(self.folder/self.manifest["tokens"]["file"], os.O_RDONLY)
+        n = (stop - start) * self.dtype.itemsize
+        data = os.pread(self._fd, n, start * self.dtype.itemsize) if n > 0 else b""
+        if len(data) != n: raise _damaged(self.folder, f"token file ended after {start * self.dtype.itemsize + len(data)} bytes (truncated while open?)")
+        return np.frombuffer(data, self.dtype)
+
+    def close(self):
+        "Release the memory map and the file handle (they reopen on demand)."
+        if self._fd is not None: os.close(self._fd)
+        self._fd, self._tokens = None, None
+
     def __len__(self): return len(self.names)
     def __repr__(self): return f"TokenCache({str(self.folder)!r}, {len(self)} docs, {self.n_tokens:,} tokens, {len(self.skipped)} skipped)"
-    def __getstate__(self): return {**self.__dict__, "_tokens": None}  # workers re-open the map; never pickle the data
+    def __getstate__(self): return {**self.__dict__, "_tokens": None, "_fd": None}  # never pickle the data; reopen in the worker
+    def __del__(self, _close=os.close):   # bound early: module globals may be gone at interpreter exit
+        if getattr(self, "_fd", None) is not None: _close(self._fd)
 
 def _load_manifest(folder: Path) -> dict:
     path = folder/TOKEN_CACHE_MANIFEST
@@ -423,7 +435,7 @@ def _build_cache(folder: Path, corpus: MidiCorpus, tokenizer, index: dict, worke
     fd, tmp = tempfile.mkstemp(prefix=".tokens-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            for name, (ids, error) in zip(corpus.names, tokenize_stream(tokenizer, corpus.paths, workers, progress)):
+            for name, (_, ids, error) in zip(corpus.names, _progress(tokenize_files(tokenizer, corpus.paths, workers), len(corpus), progress)):
                 if error is not None:
                     skipped.append([name, error])
                     continue
@@ -475,67 +487,62 @@ def _write_report(folder: Path, corpus: MidiCorpus, docs: list, skipped: list):
         "skipped": [{"file": n, "reason": r} for n, r in skipped],
         "ignored": [{"file": n, "reason": "not a MIDI file name"} for n in corpus.ignored]})
 
-# %% ../nbs/04_datasets.ipynb #99c23fb0
-_worker_tokenizer = None  # set once per tokenizing worker process by `_set_worker_tokenizer`
-
-def _set_worker_tokenizer(tokenizer): 
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer
-
-def _encode_path(path: str) -> tuple[np.ndarray | None, str | None]:
-    "Worker: a file's ids, or the reason kelly refused the file (`MidiError`/`TokenizerError` message)."
-    try: return _worker_tokenizer.encode_file(path), None
-    except KellyError as e: return None, str(e)
-
-def tokenize_stream(tokenizer, paths: Sequence[Path], workers: int | None = None, progress: bool = True):
-    "Yield `(ids, None)` or `(None, reason)` for each path, in order, tokenizing in a process pool."
-    workers = min(workers or cpu_workers(), max(len(paths), 1))
-    bar = (lambda it: progress_bar(it, total=len(paths))) if progress else (lambda it: it)
-    if workers == 1:
-        _set_worker_tokenizer(tokenizer)
-        yield from bar(map(_encode_path, map(str, paths)))
-        return
-    chunk = max(1, min(64, len(paths) // (workers * 8)))
-    with ProcessPoolExecutor(workers, initializer=_set_worker_tokenizer, initargs=(tokenizer,)) as pool:
-        yield from bar(pool.map(_encode_path, map(str, paths), chunksize=chunk))
-
 # %% ../nbs/04_datasets.ipynb #5e39a528
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)   # splitmix64's increment (2**64 / golden ratio)
-_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15              # splitmix64's increment (2**64 / golden ratio)
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _UNIT_53 = 2.0 ** -53                      # turns the top 53 bits into a float in [0, 1)
+_MAX_CACHED_KEYS = 1024                    # (stream, epoch) keys a CounterRNG remembers
 STREAM_WINDOW, STREAM_TRANSPOSE, STREAM_VELOCITY, STREAM_TEMPO = range(4)  # independent draws per window
 
-def _u64(v) -> np.ndarray:
-    "An int (any size) or an int array as a 1-d uint64 array, wrapping modulo 2**64 like C."
-    if isinstance(v, (int, np.integer)): return np.array([int(v) % (1 << 64)], dtype=np.uint64)
-    return np.atleast_1d(np.asarray(v, dtype=np.int64)).astype(np.uint64)
+def _mix64(x: int) -> int:
+    "splitmix64's finaliser on a Python int: a bijection on 64-bit words whose output bits depend on every input bit."
+    x = (x + _GOLDEN) & _MASK64
+    x = ((x ^ (x >> 30)) * _MIX1) & _MASK64
+    x = ((x ^ (x >> 27)) * _MIX2) & _MASK64
+    return x ^ (x >> 31)
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    "splitmix64's finaliser: a bijection on uint64 whose output bits all depend on every input bit."
+def _mix64_array(x: np.ndarray) -> np.ndarray:
+    "`_mix64` on a uint64 array (wrapping arithmetic), for many indices at once."
     with np.errstate(over="ignore"):
-        x = x + _GOLDEN
-        x = (x ^ (x >> np.uint64(30))) * _MIX1
-        x = (x ^ (x >> np.uint64(27))) * _MIX2
+        x = x + np.uint64(_GOLDEN)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(_MIX1)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(_MIX2)
     return x ^ (x >> np.uint64(31))
 
 class CounterRNG:
     "Random numbers as a pure function of `(seed, stream, epoch, index)`: nothing advances, so a restart loses nothing."
-    def __init__(self, seed: int): self.seed = int(seed)  # any Python int
+    def __init__(self, seed: int):  # any Python int (taken modulo 2**64)
+        self.seed, self._keys = int(seed), {}
 
-    def bits(self, stream: int, epoch: int, index) -> np.ndarray:  # index: int or int array
-        "64 random bits per index."
-        h = _mix64(_u64(self.seed))
-        for part in (stream, epoch): h = _mix64(h ^ _mix64(_u64(part)))
-        return _mix64(h ^ _mix64(_u64(np.asarray(index, dtype=np.int64))))
+    def _key(self, stream: int, epoch: int) -> int:
+        "The hash of `(seed, stream, epoch)`, remembered: it is the same for every window of an epoch."
+        k = self._keys.get((stream, epoch))
+        if k is None:
+            k = _mix64(self.seed & _MASK64)
+            for part in (stream, epoch): k = _mix64(k ^ _mix64(part & _MASK64))
+            if len(self._keys) > _MAX_CACHED_KEYS: self._keys.clear()
+            self._keys[(stream, epoch)] = k
+        return k
 
-    def uniform(self, stream: int, epoch: int, index) -> np.ndarray:
-        "Floats uniform in [0, 1), one per index."
-        return (self.bits(stream, epoch, index) >> np.uint64(11)).astype(np.float64) * _UNIT_53
+    def bits(self, stream: int, epoch: int, index):  # index: an int, or an int array for many draws at once
+        "64 random bits: an int for an int index, a uint64 array for an array of indices."
+        key = self._key(stream, epoch)
+        if isinstance(index, (int, np.integer)): return _mix64(key ^ _mix64(int(index) & _MASK64))
+        idx = np.asarray(index, dtype=np.int64).astype(np.uint64)
+        return _mix64_array(np.uint64(key) ^ _mix64_array(idx))
 
-    def integers(self, stream: int, epoch: int, index, high) -> np.ndarray:  # high: exclusive bound(s), >= 1
-        "Integers uniform in [0, high), one per index."
+    def uniform(self, stream: int, epoch: int, index):
+        "Floats uniform in [0, 1): a float for an int index, an array for an array."
+        b = self.bits(stream, epoch, index)
+        return (b >> 11) * _UNIT_53 if isinstance(b, int) else (b >> np.uint64(11)).astype(np.float64) * _UNIT_53
+
+    def integers(self, stream: int, epoch: int, index, high):  # high: exclusive bound(s), >= 1
+        "Integers uniform in [0, high): an int for an int index, an int64 array for an array."
+        u = self.uniform(stream, epoch, index)
+        if isinstance(u, float): return min(int(u * high), int(high) - 1)
         high = np.asarray(high, dtype=np.int64)
-        return np.minimum((self.uniform(stream, epoch, index) * high).astype(np.int64), high - 1)
+        return np.minimum((u * high).astype(np.int64), high - 1)
 
     def __repr__(self): return f"CounterRNG(seed={self.seed})"
 
@@ -564,7 +571,7 @@ class TokenWindows:
         off, length = int(self.cache.offsets[d]), int(self.cache.offsets[d + 1] - self.cache.offsets[d])
         out = np.full(n, self.pad_id, dtype=np.int64)
         lo, hi = max(start, 1), min(start + n, length + 1)   # framed positions that hold document ids
-        if hi > lo: out[lo - start:hi - start] = self.cache.tokens[off + lo - 1:off + hi - 1]
+        if hi > lo: out[lo - start:hi - start] = self.cache.read(off + lo - 1, off + hi - 1)
         if start == 0: out[0] = self.bos_id
         if start <= length + 1 < start + n: out[length + 1 - start] = self.eos_id
         return out
@@ -602,7 +609,7 @@ class AugmentConfig(Config):
 
 class Augmentation:
     "Token-level transposition, velocity and tempo scaling; every draw is a pure function of `(seed, epoch, index)`."
-    def __init__(self, tokenizer,  # supplies the vectorised token helpers and the pitch range
+    def __init__(self, tokenizer,  # supplies the vectorised token helpers (`transpose_range`, `transpose`, ...)
                  config: AugmentConfig | None = None,  # how much to vary (default: `AugmentConfig()`)
                  seed: int = 0):  # seeds every draw
         self.tokenizer, self.config, self.rng = tokenizer, config or AugmentConfig(), CounterRNG(seed)
@@ -612,13 +619,12 @@ class Augmentation:
         "`(semitones, velocity factor, tempo factor)` for window `index` of `epoch`."
         c = self.config
         semitones = 0
-        span = self.tokenizer.pitch_span(ids) if c.transpose else None
-        if span is not None:
-            lo_pitch, hi_pitch = self.tokenizer.pitch_range
-            lo, hi = max(-c.transpose, lo_pitch - span[0]), min(c.transpose, hi_pitch - span[1])
-            semitones = lo + int(self.rng.integers(STREAM_TRANSPOSE, epoch, index, hi - lo + 1)[0])
-        velocity = 1 + c.velocity * (2 * float(self.rng.uniform(STREAM_VELOCITY, epoch, index)[0]) - 1)
-        tempo = 1 + c.tempo * (2 * float(self.rng.uniform(STREAM_TEMPO, epoch, index)[0]) - 1)
+        if c.transpose:
+            down, up = self.tokenizer.transpose_range(ids)   # how far the window's pitches may move and stay in range
+            lo, hi = max(-c.transpose, down), min(c.transpose, up)
+            semitones = lo + self.rng.integers(STREAM_TRANSPOSE, epoch, int(index), hi - lo + 1)
+        velocity = 1 + c.velocity * (2 * self.rng.uniform(STREAM_VELOCITY, epoch, int(index)) - 1)
+        tempo = 1 + c.tempo * (2 * self.rng.uniform(STREAM_TEMPO, epoch, int(index)) - 1)
         return semitones, velocity, tempo
 
     def __call__(self, ids: np.ndarray, epoch: int, index: int) -> np.ndarray:
@@ -659,7 +665,7 @@ class RandomWindows(TokenWindows):
 
     def locate(self, index: int, epoch: int = 0) -> tuple[int, int]:
         "`(doc, start)` of window `index` in `epoch`: `doc` indexes `self.docs`, `start` the framed document."
-        u = int(self.rng.integers(STREAM_WINDOW, epoch, index, int(self.cum_starts[-1]))[0])
+        u = self.rng.integers(STREAM_WINDOW, epoch, int(index), int(self.cum_starts[-1]))
         doc = int(np.searchsorted(self.cum_starts, u, side="right"))
         return doc, u - (int(self.cum_starts[doc - 1]) if doc else 0)
 
@@ -736,6 +742,8 @@ class WindowLoader(DataLoader):
         if not 0 <= rank < world_size: raise DatasetError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if kwargs.pop("shuffle", False): raise DatasetError("WindowLoader does not shuffle: the order comes from the dataset's seed")
         if kwargs.get("persistent_workers"): raise DatasetError("WindowLoader cannot use persistent_workers: workers must see each new epoch")
+        hooks = [k for k in ("after_batch", "after_iter", "get_idxs", "create_item") if k in kwargs]
+        if hooks: raise DatasetError(f"WindowLoader keeps its state in {', '.join(hooks)}: subclass it instead of passing them")
         for k in ("n", "indexed", "batch_size"): kwargs.pop(k, None)
         if drop_last is None: drop_last = isinstance(dataset, RandomWindows)
         n = len(_shard(dataset, rank, world_size))
@@ -748,10 +756,13 @@ class WindowLoader(DataLoader):
 
     def create_item(self, s: int): return self.dataset.item(s, self.epoch)
 
-    def __iter__(self):
-        for b in super().__iter__():
-            self.position += 1
-            yield b
+    def after_batch(self, b):
+        "Count each batch as it is handed out (also when a fastai `DistributedDL` drives this loader)."
+        self.position += 1
+        return b
+
+    def after_iter(self):
+        "An exhausted epoch moves the loader to the start of the next one."
         self.epoch, self.position = self.epoch + 1, 0
 
     def one_batch(self):
