@@ -392,6 +392,8 @@ def _prepare(self: Tokenizer, music: Music) -> tuple[_Prepared, EncodeReport]:
     keep = np.where(drum, (p >= dlo) & (p <= dhi), (p >= lo) & (p <= hi))
     if not keep.all(): notes, drum, r.notes_dropped = notes[keep], drum[keep], int((~keep).sum())
     program = notes["program"]
+    bad = (program < 0) | (program > DRUM_PROGRAM)
+    if bad.any(): raise TokenizerError(f"encode: program {int(program[bad][0])} is outside 0-127 (run kelly.midi.repair first)")
     if not cfg.use_programs:
         moved = ~drum & (program != 0)
         r.programs_merged = int(moved.sum()); program = np.where(drum, DRUM_PROGRAM, 0).astype(np.int16)

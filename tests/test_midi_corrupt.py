@@ -152,3 +152,18 @@ def test_piano_fixture_roundtrips_through_a_file(tmp_path):
     assert report.overlaps_trimmed > 0
     back = load_midi(save_midi(fixed, tmp_path/"fixed.mid"))
     assert np.array_equal(back.notes(), fixed.notes())
+
+
+def test_plain_python_checker_loads_the_same(monkeypatch):
+    "Without numba, scan_midi runs the plain-Python walk over bytes: same results on every test file."
+    import kelly.midi as km
+    compiled = {p.name: (km.scan_midi(p.read_bytes()), km.load_midi(p)) for p in PRIMITIVE}
+    monkeypatch.setattr(km, "_scan_track", km._scan_track_py)
+    monkeypatch.setattr(km, "_SCAN_COMPILED", False)
+    for p in PRIMITIVE:
+        scan, music = compiled[p.name]
+        assert km.scan_midi(p.read_bytes()) == scan
+        assert km.load_midi(p) == music
+    with pytest.raises(MidiError, match="above 127"):
+        body = b"\x00\xa0\x3c\xc8\x00\xff\x2f\x00"
+        km.parse_midi(b"MThd" + struct.pack(">IHHH", 6, 1, 1, 480) + b"MTrk" + len(body).to_bytes(4, "big") + body)
