@@ -5,7 +5,8 @@ into windows. The model is a small `kelly.models.MusicTransformer` (RoPE, tied e
 tokenizer, the samples come from `kelly.samplers.generate` (KV cache) and are judged with the tokenizer's grammar.
 Checked: an interrupted run resumed from its checkpoint ends bit for bit where an uninterrupted one ends, and a
 resume with another tokenizer is refused; a NaN that reaches the weights is rolled back and training finishes; a
-collapse seen in the sampler's output is rolled back; bf16 autocast trains the transformer on the CPU.
+collapse seen in the sampler's output is rolled back; bf16 autocast trains the transformer on the CPU; and resume is
+bitwise on kelly's own data pipeline too (`kelly.datasets.lm_dataloaders`: token cache, random windows, augmentation).
 """
 import math
 from pathlib import Path
@@ -143,3 +144,27 @@ def test_bf16_autocast_trains_the_transformer(windows, tok, tmp_path):
     learn.fit(1, 3e-3)
     assert learn.precision.plan.dtype == torch.bfloat16
     assert abs(learn.recorder.values[-1][1] - ref.recorder.values[-1][1]) < 0.05 * ref.recorder.values[-1][1]
+
+
+def test_resume_with_kelly_datasets_loader_is_bitwise(tok, tmp_path):
+    "The same on kelly's own data pipeline: lm_dataloaders (token cache, random windows, augmentation, WindowLoader state)."
+    from kelly.datasets import LMDataConfig, lm_dataloaders
+    cfg = LMDataConfig(seq_len=WINDOW, bs=8, windows_per_epoch=64, valid_frac=0.2)   # augmentation on (the default)
+    def learner(cbs=()):
+        torch.manual_seed(0)
+        dls = lm_dataloaders(MIDI_DIR, tok, cfg, cache_folder=tmp_path/"cache", workers=1, progress=False)
+        model = MusicTransformer(TransformerConfig(vocab_size=tok.vocab_size, n_layers=2, width=32, n_heads=4, max_len=WINDOW))
+        learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(ignore_index=tok.pad_id), opt_func=Adam, cbs=list(cbs))
+        learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
+        learn.logger = lambda *a: None
+        return learn
+    a = learner(); a.fit_one_cycle(2, 3e-3)
+    b = learner([Checkpoint(tmp_path/"ck", every_n_steps=3, keep_last=10, tokenizer=tok), CrashAt(11)])
+    with pytest.raises(RuntimeError, match="crash at step 11"): b.fit_one_cycle(2, 3e-3)
+    st = load_checkpoint(tmp_path/"ck"/"step-000000009.pt")
+    assert st["ranks"][0]["data"]["loaders.0"]["epoch"] == 1 and st["ranks"][0]["data"]["loaders.0"]["position"] == 0   # start of epoch 1
+    c = learner([Checkpoint(tmp_path/"ck", every_n_steps=3, keep_last=10, tokenizer=tok, resume=True)])
+    c.fit_one_cycle(2, 3e-3)
+    assert c.checkpoint.resumed_from.name == "step-000000009.pt"
+    assert (c.dls.train.epoch, c.dls.train.position) == (a.dls.train.epoch, a.dls.train.position)
+    for (k, p), q in zip(a.model.state_dict().items(), c.model.state_dict().values()): assert torch.equal(p, q), k
