@@ -203,9 +203,8 @@ class MidiCorpus:
         if not root.exists(): raise DatasetError(f"corpus folder {root} does not exist")
         if not root.is_dir(): raise DatasetError(f"corpus folder {root} is not a folder")
         files, ignored = [], []
-        for entry in _walk_files(root, recursive):
-            name = Path(entry.path).relative_to(root).as_posix()
-            if Path(name).suffix.lower() in MIDI_SUFFIXES:
+        for name, entry in _walk_files(root, recursive):
+            if os.path.splitext(name)[1].lower() in MIDI_SUFFIXES:
                 st = entry.stat()
                 files.append(CorpusFile(name, st.st_size, st.st_mtime_ns))
             else: ignored.append(name)
@@ -230,15 +229,16 @@ class MidiCorpus:
     def __repr__(self): return f"MidiCorpus({str(self.root)!r}, {len(self.files)} MIDI files, {len(self.ignored)} ignored)"
 
 def _walk_files(root: Path, recursive: bool):
-    "`os.DirEntry` of every non-hidden file under `root` (symlinks to files included)."
-    stack = [root]
+    "`(relative name, os.DirEntry)` of every non-hidden file under `root` (symlinks to files included)."
+    stack = [("", str(root))]
     while stack:
-        with os.scandir(stack.pop()) as it:
+        prefix, folder = stack.pop()
+        with os.scandir(folder) as it:
             for e in it:
                 if e.name.startswith("."): continue
-                if e.is_dir(): 
-                    if recursive: stack.append(Path(e.path))
-                elif e.is_file(): yield e
+                if e.is_dir():
+                    if recursive: stack.append((f"{prefix}{e.name}/", e.path))
+                elif e.is_file(): yield prefix + e.name, e
 
 # %% ../nbs/04_datasets.ipynb #3bd42759
 def split_by_piece(names: Sequence[str],  # file names (e.g. `MidiCorpus.names` or `TokenCache.names`)
