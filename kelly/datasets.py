@@ -303,7 +303,7 @@ class TokenCache:
         "Open the cache in `folder`; a missing, unreadable, truncated or corrupt cache raises `DatasetError`."
         self.folder = Path(folder)
         m = _load_manifest(self.folder)
-        self.manifest = m
+        self.manifest = {k: v for k, v in m.items() if k != "files"}   # the corpus hash index is only needed to check staleness
         self.tokenizer_hash, self.corpus_key, self.dtype = m["tokenizer"], m["corpus_key"], np.dtype(m["dtype"])
         self.names, self.n_tokens = list(m["docs"]), int(m["n_tokens"])
         self.offsets = _load_offsets(self.folder, m)
