@@ -19,6 +19,7 @@ import sys
 import tempfile
 import types
 import typing
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -317,6 +318,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _KELLY_HANDLER_ATTR = "_kelly_handler"
 
 logging.getLogger("kelly").addHandler(logging.NullHandler())
+# fastai 2.8 calls `torch.jit.script` at import, which torch >= 2.10 answers with a FutureWarning on every run;
+# nothing a kelly user can act on, so it is silenced here, before any kelly module imports fastai.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 def get_logger(name: str = "kelly") -> logging.Logger:  # usually `__name__` of a kelly module
     "The logger for a kelly module, always under the `kelly` hierarchy."
