@@ -36,6 +36,14 @@ class ConfigError(KellyError, ValueError):
     "A config key, value or file that kelly cannot accept."
 
 # %% ../nbs/00_core.ipynb #8d66cb50
+_DEFAULT_FILE_MODE = 0o666  # what `open(path, "w")` asks for before the umask
+
+def _current_umask() -> int:
+    "The process umask (read by setting and restoring it)."
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 @contextmanager
 def atomic_write(path: str | os.PathLike,  # file to create or replace
                  mode: str = "w",  # "w" for text, "wb" for bytes
@@ -44,6 +52,7 @@ def atomic_write(path: str | os.PathLike,  # file to create or replace
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, _DEFAULT_FILE_MODE & ~_current_umask())  # mkstemp makes 0600; give the mode `open` would
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
