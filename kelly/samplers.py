@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['SamplerError', 'SamplingConfig', 'top_k_top_p', 'filter_logits_reference', 'draw', 'apply_repetition_penalty',
-           'repetition_penalty_reference', 'TokenSampler', 'grammar_forbidden', 'stream', 'Generation', 'generate']
+           'repetition_penalty_reference', 'TokenSampler', 'grammar_forbidden', 'midi_prompt', 'stream', 'Generation',
+           'generate']
 
 # %% ../nbs/10_samplers.ipynb #66b7ff01
 import dataclasses
@@ -179,6 +180,17 @@ def _as_prompt(prompt, n: int, vocab_size: int, tokenizer, device) -> torch.Tens
     if lo < 0 or hi >= vocab_size: raise SamplerError(f"prompt token id {lo if lo < 0 else hi} is outside the model's vocabulary [0, {vocab_size})")
     return ids.to(device=device, dtype=torch.long).contiguous()
 
+# %% ../nbs/10_samplers.ipynb #9b2deb04
+def midi_prompt(tokenizer,  # kelly Tokenizer
+                path,  # a MIDI file
+                max_tokens: int | None = None) -> np.ndarray:  # keep only the first ids (bos included); None: all
+    "Token ids (int64) of a MIDI file to continue: bos and the piece, without its final eos."
+    if max_tokens is not None and max_tokens < 1: raise SamplerError(f"max_tokens must be at least 1, got {max_tokens}")
+    ids = np.asarray(tokenizer.encode_file(path, add_special=True), dtype=np.int64)
+    eos = np.flatnonzero(ids == int(tokenizer.eos_id))
+    if len(eos): ids = ids[:eos[0]]
+    return ids[:max_tokens] if max_tokens is not None else ids
+
 # %% ../nbs/10_samplers.ipynb #f1eee135
 def _sampling_config(config: SamplingConfig | None, overrides: dict) -> SamplingConfig:
     config = config or SamplingConfig()
@@ -201,9 +213,13 @@ def stream(model: MusicTransformer,  # the language model
     "Yield the next token of every sequence, int64 [B] on the CPU, one step at a time."
     c = _sampling_config(config, overrides)
     device = next(model.parameters()).device
+    on_cpu = device.type == "cpu"
     ids = _as_prompt(prompt, n, model.config.vocab_size, tokenizer, device)
     B, T0 = ids.shape
     forbidden = grammar_forbidden(tokenizer, model.config.vocab_size, device) if (c.constrained and tokenizer is not None) else None
+    if forbidden is not None and hasattr(tokenizer.grammar, "is_valid"):
+        bad = [i for i, row in enumerate(ids.cpu().numpy()) if not tokenizer.grammar.is_valid(row)]
+        if bad: _log.warning("prompt rows %s break the tokenizer's grammar: constraints apply to new tokens only", bad[:10])
     eos = pad = None
     if c.stop_at_eos and tokenizer is not None: eos, pad = _special_id(tokenizer, "eos_id"), _special_id(tokenizer, "pad_id")
     generator = torch.Generator(device=device).manual_seed(c.seed) if c.seed is not None else None
@@ -228,7 +244,7 @@ def stream(model: MusicTransformer,  # the language model
                 if eos is not None:
                     tokens = tokens.masked_fill(finished, pad)
                     finished |= tokens == eos
-                yield tokens.cpu()
+                yield tokens if on_cpu else tokens.cpu()
                 if eos is not None and bool(finished.all()): return
                 if t + 1 == c.max_new_tokens: return
                 if c.use_cache: logits = decoder.step(tokens, cache)
@@ -264,15 +280,11 @@ def generate(model: MusicTransformer,  # the language model
     c = _sampling_config(config, overrides)
     device = next(model.parameters()).device
     ids = _as_prompt(prompt, n, model.config.vocab_size, tokenizer, device).cpu()
-    out = torch.empty(ids.shape[0], ids.shape[1] + c.max_new_tokens, dtype=torch.long)
-    out[:, :ids.shape[1]] = ids
-    lengths = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long)
-    eos = _special_id(tokenizer, "eos_id") if (c.stop_at_eos and tokenizer is not None) else None
-    ended = torch.zeros(ids.shape[0], dtype=torch.bool)
-    T = ids.shape[1]
-    for tokens in stream(model, tokenizer, ids, n, c):
-        out[:, T] = tokens
-        lengths += ~ended
-        if eos is not None: ended |= tokens == eos
-        T += 1
-    return Generation(out[:, :T], lengths, ids.shape[1])
+    steps = list(stream(model, tokenizer, ids, n, c))
+    out = torch.cat([ids, torch.stack(steps, 1)], 1)
+    lengths = torch.full((ids.shape[0],), out.shape[1], dtype=torch.long)
+    if c.stop_at_eos and tokenizer is not None:
+        is_eos = out[:, ids.shape[1]:] == _special_id(tokenizer, "eos_id")
+        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0          # positions after a sequence's first eos
+        lengths -= after_eos.sum(1)
+    return Generation(out, lengths, ids.shape[1])

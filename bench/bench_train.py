@@ -1,0 +1,115 @@
+"""Training throughput of kelly's MusicTransformer at the issue's GPT-2 size, by training loop.
+
+The model is the sampler benchmark's: 6 layers, width 512, 8 heads, vocab 512 (19.2M parameters with tied
+embeddings and rotary positions; the issue's GPT-2 peer has 20.2M because of its 2,048 learned positions).
+Each loop trains on batches of 16 x 256 tokens with AdamW and reports
+
+- tokens/s (median step time over the timed steps, after warm-up steps), and
+- achieved GFLOP/s by the 6N rule (6 x parameters x tokens/s) and its share of the machine's fp32 peak
+  (184 GFLOP/s on 2 threads here, `--peak-gflops` to change).
+
+Loops are registered in `LOOPS`; this file holds the plain PyTorch loop (the issue measured 679 tok/s, about 45%
+of peak, for HF GPT-2 in a plain loop). The trainer layer adds its fastai loop beside it, so both are measured
+in one run with the same model, data and optimizer settings.
+
+The batches are token ids drawn uniformly at random (seeded): throughput does not depend on the token values,
+and the benchmark must not need a corpus. This is stated in the output, not hidden.
+
+Usage: python bench/bench_train.py [--threads 2] [--steps 6] [--warmup 2] [--loops plain]
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kelly.models import MusicTransformer, TransformerConfig
+
+SIZE = dict(n_layers=6, width=512, n_heads=8, vocab_size=512)
+BATCH, SEQ_LEN = 16, 256
+LR, WEIGHT_DECAY, BETAS = 3e-4, 0.1, (0.9, 0.95)
+PEAK_GFLOPS = 184.0   # fp32, 2 threads, measured on the project's machines (DESIGN.md)
+PLAIN_REFERENCE_TOK_S = 679.0
+
+
+def make_model(seed: int = 0, dropout: float = 0.1) -> MusicTransformer:
+    "The benchmark's model, freshly initialised with `seed`."
+    torch.manual_seed(seed)
+    return MusicTransformer(TransformerConfig(**SIZE, dropout=dropout, max_len=SEQ_LEN))
+
+
+def make_batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    "`n` (x, y) pairs of random token ids [BATCH, SEQ_LEN], y = x shifted by one."
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, SIZE["vocab_size"], (BATCH, SEQ_LEN + 1), generator=g)
+        out.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
+    return out
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS)
+
+
+def plain_loop(model: MusicTransformer, batches, warmup: int) -> list[float]:
+    "Plain PyTorch: forward, cross-entropy, backward, AdamW step. Returns the timed steps' seconds."
+    model.train()
+    opt = make_optimizer(model)
+    times = []
+    for i, (x, y) in enumerate(batches):
+        t = time.perf_counter()
+        logits = model(x)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.detach().item()   # the value a loop would log; also a sync point on accelerators
+        if i >= warmup: times.append(time.perf_counter() - t)
+    return times
+
+
+LOOPS: dict[str, Callable] = {"plain": plain_loop}   # the trainer layer adds "fastai"
+
+
+def report(name: str, times: list[float], n_params: int, peak: float) -> dict:
+    tok_s = BATCH * SEQ_LEN / statistics.median(times)
+    gflops = 6 * n_params * tok_s / 1e9
+    return {"loop": name, "tok_s": round(tok_s, 1), "gflops_6n": round(gflops, 1), "pct_peak": round(100 * gflops / peak, 1),
+            "step_s": [round(t, 3) for t in times]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per loop")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--loops", default=",".join(LOOPS), help=f"comma-separated, from {list(LOOPS)}")
+    ap.add_argument("--peak-gflops", type=float, default=PEAK_GFLOPS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    names = [n for n in args.loops.split(",") if n]
+    unknown = [n for n in names if n not in LOOPS]
+    if unknown: raise SystemExit(f"unknown loop(s) {unknown}; available: {list(LOOPS)}")
+    print(f"# bench_train: torch {torch.__version__}, threads {torch.get_num_threads()}, batch {BATCH}x{SEQ_LEN}, AdamW, "
+          f"random token ids (seeded), loadavg at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    rows = []
+    for name in names:
+        model = make_model()
+        batches = make_batches(args.warmup + args.steps)
+        row = report(name, LOOPS[name](model, batches, args.warmup), model.n_params(), args.peak_gflops)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"# loadavg at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; params {make_model().n_params()/1e6:.2f}M; "
+          f"issue's plain-loop reference: {PLAIN_REFERENCE_TOK_S} tok/s")
+    if len(rows) > 1:
+        base = rows[0]["tok_s"]
+        for r in rows[1:]: print(f"{r['loop']} / {rows[0]['loop']}: {r['tok_s'] / base:.3f}x (overhead {100 * (1 - r['tok_s'] / base):+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
