@@ -137,6 +137,7 @@ class CausalSelfAttention(nn.Module):
         "Attend causally over `x` (and the cached positions before it when `kv` is given)."
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)          # half-precision models rotate in their own dtype
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             keys, values = kv
@@ -328,7 +329,8 @@ class IncrementalDecoder:
         "Rotary `(cos, sin)` rows for one position, from tables grown by doubling."
         if position >= self._cos.shape[0]:
             n = max(2 * self._cos.shape[0], position + 1, self.config.max_len)
-            self._cos, self._sin = rope_angles(torch.arange(n, device=self.device), self.config.head_dim, self.config.rope_base)
+            cos, sin = rope_angles(torch.arange(n, device=self.device), self.config.head_dim, self.config.rope_base)
+            self._cos, self._sin = cos.to(self.dtype), sin.to(self.dtype)
         return self._cos[position], self._sin[position]
 
     @torch.inference_mode()
