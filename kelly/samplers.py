@@ -213,9 +213,8 @@ def stream(model: MusicTransformer,  # the language model
     "Yield the next token of every sequence, int64 [B] on the CPU, one step at a time."
     c = _sampling_config(config, overrides)
     device = next(model.parameters()).device
-    on_cpu = device.type == "cpu"
     ids = _as_prompt(prompt, n, model.config.vocab_size, tokenizer, device)
-    B, T0 = ids.shape
+    B = ids.shape[0]
     forbidden = grammar_forbidden(tokenizer, model.config.vocab_size, device) if (c.constrained and tokenizer is not None) else None
     if forbidden is not None and hasattr(tokenizer.grammar, "is_valid"):
         bad = [i for i, row in enumerate(ids.cpu().numpy()) if not tokenizer.grammar.is_valid(row)]
@@ -224,6 +223,12 @@ def stream(model: MusicTransformer,  # the language model
     if c.stop_at_eos and tokenizer is not None: eos, pad = _special_id(tokenizer, "eos_id"), _special_id(tokenizer, "pad_id")
     generator = torch.Generator(device=device).manual_seed(c.seed) if c.seed is not None else None
     sampler = TokenSampler(c, B, model.config.vocab_size, forbidden, generator, device)
+    return _decode(model, ids, c, sampler, eos, pad)     # everything above is checked now; decoding starts on iteration
+
+def _decode(model, ids, c, sampler, eos, pad) -> Iterator[torch.Tensor]:
+    "The decoding loop behind `stream`."
+    (B, T0), device = ids.shape, ids.device
+    on_cpu = device.type == "cpu"
     was_training = model.training
     model.eval()
     try:
