@@ -290,13 +290,15 @@ def _default_splits(device: torch.device) -> int:
     "Blocks per weight matrix: one per intra-op thread on CPU (capped), one on accelerators."
     return min(torch.get_num_threads(), 8) if device.type == "cpu" else 1
 
+_FEW_ROWS = 2   # up to this batch size, widening weights are copied to [in, out] (matrix-vector products)
+
 class _PackedLinear:
     "A linear layer's weight and bias laid out for fast products with a few rows: `addmm`, or `baddbmm` over column blocks."
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, splits: int):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, splits: int, batch_size: int = 1):
         out_f, in_f = weight.shape
         s = max(d for d in range(1, splits + 1) if out_f % d == 0)
         blocks = weight.detach().view(s, out_f // s, in_f).transpose(1, 2)   # [s, in, out/s], a view of [out, in]
-        blocks = blocks.contiguous() if out_f > in_f else blocks             # wide outputs stream faster as [in, out]
+        if out_f > in_f and batch_size <= _FEW_ROWS: blocks = blocks.contiguous()
         b = bias.detach() if bias is not None else torch.zeros(out_f, dtype=weight.dtype, device=weight.device)
         self.splits, self.in_f, self.out_f = s, in_f, out_f
         self.weight, self.bias = (blocks[0], b) if s == 1 else (blocks, b.view(s, 1, out_f // s))
@@ -310,19 +312,19 @@ class _PackedLinear:
 class IncrementalDecoder:
     "Inference-only fast path of `MusicTransformer` for token-by-token decoding with a `KVCache`."
     def __init__(self, model: MusicTransformer,  # the model to snapshot (its weights at this moment)
-                 splits: int | None = None):  # blocks per weight matrix (default: intra-op threads on CPU, 1 on GPU)
+                 splits: int | None = None,  # blocks per weight matrix (default: intra-op threads on CPU, 1 on GPU)
+                 batch_size: int = 1):  # sequences decoded together (picks the weight layout; any batch works)
         self.model, self.config = model, model.config
         p = model.embed.weight
         self.device, self.dtype = p.device, p.dtype
         splits = splits or _default_splits(self.device)
+        pack = lambda lin: _PackedLinear(lin.weight, lin.bias, splits, batch_size)
         with torch.no_grad():
             self.embed = p.detach()
-            self.layers = [(b.norm1.weight.detach(), _d(b.norm1.bias), _PackedLinear(b.attn.qkv.weight, b.attn.qkv.bias, splits),
-                            _PackedLinear(b.attn.proj.weight, b.attn.proj.bias, splits),
-                            b.norm2.weight.detach(), _d(b.norm2.bias), _PackedLinear(b.mlp.fc.weight, b.mlp.fc.bias, splits),
-                            _PackedLinear(b.mlp.proj.weight, b.mlp.proj.bias, splits)) for b in model.blocks]
+            self.layers = [(b.norm1.weight.detach(), _d(b.norm1.bias), pack(b.attn.qkv), pack(b.attn.proj),
+                            b.norm2.weight.detach(), _d(b.norm2.bias), pack(b.mlp.fc), pack(b.mlp.proj)) for b in model.blocks]
             self.norm = (model.norm.weight.detach(), _d(model.norm.bias))
-            self.head = _PackedLinear(model.head.weight, None, splits)
+            self.head = pack(model.head)
         self._cos = self._sin = torch.empty(0, self.config.head_dim, device=self.device)
 
     def rope(self, position: int):

@@ -235,7 +235,7 @@ def _decode(model, ids, c, sampler, eos, pad) -> Iterator[torch.Tensor]:
         with torch.inference_mode():
             sampler.observe(ids)
             if c.use_cache:
-                decoder = IncrementalDecoder(model)
+                decoder = IncrementalDecoder(model, batch_size=B)
                 cache = model.new_cache(B, T0 + c.max_new_tokens)
                 logits = decoder.prefill(ids, cache)
             else:
