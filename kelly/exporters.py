@@ -6,14 +6,16 @@
 __all__ = ['MIDI_TPQ', 'PIANO_ROLL_SIZE', 'PIANO_ROLL_DPI', 'NOTE_HEIGHT', 'MIN_ALPHA', 'NOTE_EDGE_WIDTH', 'PITCH_MARGIN',
            'TRACK_COLOURS', 'BAR_LINE_COLOUR', 'BUNDLE_FORMAT', 'BUNDLE_VERSION', 'MANIFEST_FILE', 'WEIGHTS_FILE',
            'CONFIG_FILE', 'TOKENIZER_FILE', 'METADATA_FILE', 'BUNDLE_FILES', 'MANIFEST_HASH_KEY',
-           'WEIGHTS_TOKENIZER_KEY', 'MODEL_TYPES', 'BUNDLE_LOADERS', 'ExportError', 'BundleError', 'rescale',
-           'MidiExport', 'write_midi', 'ids_to_midi', 'export_pieces', 'draw_piano_roll', 'piano_roll_figure',
-           'save_piano_roll', 'n_parameters', 'save_bundle', 'Bundle', 'bundle_loader', 'load_bundle', 'bundle_info']
+           'WEIGHTS_TOKENIZER_KEY', 'MODEL_TYPES', 'BUNDLE_LOADERS', 'ONNX_TRACE_SHAPE', 'ONNX_CHECK_SHAPE',
+           'ONNX_ATOL', 'ExportError', 'BundleError', 'rescale', 'MidiExport', 'write_midi', 'ids_to_midi',
+           'export_pieces', 'draw_piano_roll', 'piano_roll_figure', 'save_piano_roll', 'n_parameters', 'save_bundle',
+           'Bundle', 'bundle_loader', 'load_bundle', 'bundle_info', 'export_onnx']
 
 # %% ../nbs/11_exporters.ipynb #059f666c
 import dataclasses
 import datetime
 import hashlib
+import io
 import json
 import logging
 import math
@@ -22,12 +24,15 @@ import re
 import shutil
 import tempfile
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import matplotlib
 import numpy as np
+import onnx
+import onnxruntime
 import safetensors
 import safetensors.torch
 import torch
@@ -511,3 +516,54 @@ def _load_v1(path: Path, manifest: dict, raw: bytes, device: torch.device) -> Bu
     metadata = _read_json_file(path/METADATA_FILE)
     _log.info("loaded bundle %s (%s, %d parameters, tokenizer %s)", path, kind, n_parameters(model), tokenizer.hash[:12])
     return Bundle(path, model, tokenizer, config, metadata, manifest)
+
+# %% ../nbs/11_exporters.ipynb #87c65da6
+ONNX_TRACE_SHAPE = (1, 16)  # (batch, time) of the example the exporter traces
+ONNX_CHECK_SHAPE = (2, 40)  # (batch, time) of the batch onnxruntime is checked on (other than the traced one)
+ONNX_ATOL = 1e-4  # largest allowed difference between onnxruntime's and PyTorch's logits
+
+def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")   # the exporter's own internals
+        torch.onnx.export(model, (example,), buf, input_names=["ids"], output_names=["logits"], dynamo=False,
+                          dynamic_axes={"ids": {0: "batch", 1: "time"}, "logits": {0: "batch", 1: "time"}})
+    return buf.getvalue()
+
+def export_onnx(model: torch.nn.Module,  # a float32 `MusicTransformer` (wrappers are unwrapped)
+                path: str | os.PathLike,  # the .onnx file to create or replace
+                tokenizer: Tokenizer | None = None,  # recorded in the file's metadata when given
+                atol: float = ONNX_ATOL,  # largest allowed difference from PyTorch's logits
+                seed: int = 0) -> Path:  # seed of the random ids the check runs on
+    "Export the uncached forward (ids [batch, time] -> logits) to ONNX atomically, and check it with onnxruntime."
+    path, model = Path(path), _unwrap(model)
+    _model_type(model, path)
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32: raise ExportError(f"{path}: ONNX export needs a float32 model, got {dtype} (call model.float() first)")
+    vocab = model.config.vocab_size
+    if tokenizer is not None and tokenizer.vocab_size != vocab:
+        raise ExportError(f"{path}: the model has {vocab} token ids but the tokenizer {tokenizer.vocab_size}")
+    device, was_training = next(model.parameters()).device, model.training
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()
+    try:
+        proto = onnx.load_from_string(_onnx_bytes(model, torch.randint(0, vocab, ONNX_TRACE_SHAPE, generator=gen).to(device)))
+        ids = torch.randint(0, vocab, ONNX_CHECK_SHAPE, generator=gen)
+        with torch.inference_mode(): expected = model(ids.to(device)).float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    meta = {"kelly_version": __version__, "kelly.model": type(model).__name__, "kelly.config": json.dumps(model.config.to_dict())}
+    if tokenizer is not None:
+        meta |= {WEIGHTS_TOKENIZER_KEY: tokenizer.hash, "kelly.vocab_size": str(tokenizer.vocab_size),
+                 "kelly.special_ids": json.dumps(tokenizer.special_ids)}
+    for k, v in meta.items(): proto.metadata_props.add(key=k, value=v)
+    data = proto.SerializeToString()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"ids": ids.numpy()})[0]
+    diff = float(np.abs(got - expected).max())
+    if not diff <= atol: raise ExportError(f"{path}: onnxruntime's logits differ from PyTorch's by {diff:.3g} (allowed {atol:g}); file not written")
+    with atomic_write(path, "wb") as f: f.write(data)
+    _log.info("exported %s to ONNX at %s (onnxruntime matches PyTorch within %.2g)", type(model).__name__, path, diff)
+    return path

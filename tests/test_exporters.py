@@ -346,3 +346,28 @@ def test_sigkill_during_overwrite_never_loses_the_bundle(tmp_path):
     # the next save cleans what the killed ones left
     save_bundle(path, b.model, b.tokenizer, overwrite=True)
     assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# ---------------------------------------------------------------- ONNX
+
+def test_onnx_export_of_trained_bundle_model(trained, tmp_path):
+    "The loaded bundle's model in ONNX: onnxruntime's logits match PyTorch's at 4 x 256 (twice max_len)."
+    import onnxruntime
+    from kelly.exporters import export_onnx
+    _, tok, ids, path = trained
+    b = load_bundle(path)
+    p = export_onnx(b.model, tmp_path/"m.onnx", b.tokenizer)
+    x = torch.stack([ids[i:i + 256] for i in (0, 50, 100, 150)])
+    got = onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"ids": x.numpy()})[0]
+    with torch.inference_mode(): want = b.model(x).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert not b.model.training
+
+
+def test_onnx_check_failure_keeps_existing_file(trained, tmp_path):
+    from kelly.exporters import ExportError, export_onnx
+    model, tok, _, _ = trained
+    p = tmp_path/"m.onnx"; p.write_bytes(b"previous export")
+    with pytest.raises(ExportError, match=f"{p}: onnxruntime's logits differ"):
+        export_onnx(model, p, tok, atol=0.0)    # fp32 kernels differ in the last bits, so nothing passes 0
+    assert p.read_bytes() == b"previous export" and [q.name for q in tmp_path.iterdir()] == ["m.onnx"]
