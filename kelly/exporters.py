@@ -12,7 +12,6 @@ __all__ = ['MIDI_TPQ', 'PIANO_ROLL_SIZE', 'PIANO_ROLL_DPI', 'NOTE_HEIGHT', 'MIN_
            'Bundle', 'bundle_loader', 'load_bundle', 'bundle_info', 'export_onnx']
 
 # %% ../nbs/11_exporters.ipynb #059f666c
-import dataclasses
 import datetime
 import hashlib
 import io
@@ -27,7 +26,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import matplotlib
 import numpy as np

@@ -371,3 +371,28 @@ def test_onnx_check_failure_keeps_existing_file(trained, tmp_path):
     with pytest.raises(ExportError, match=f"{p}: onnxruntime's logits differ"):
         export_onnx(model, p, tok, atol=0.0)    # fp32 kernels differ in the last bits, so nothing passes 0
     assert p.read_bytes() == b"previous export" and [q.name for q in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def _rewrite(c, name, data):
+    "Replace a bundle file and re-checksum the manifest: a consistent edit, which only the semantic checks can catch."
+    from kelly.exporters import _manifest_text
+    from kelly.core import sha256_file
+    (c/name).write_text(json.dumps(data))
+    m = json.loads((c/MANIFEST_FILE).read_text())
+    m["files"][name] = {"bytes": (c/name).stat().st_size, "sha256": sha256_file(c/name)}
+    (c/MANIFEST_FILE).write_text(_manifest_text(m))
+
+
+def test_consistent_edits_of_config_refused(trained, tmp_path):
+    _, tok, _, path = trained
+    cfg = json.loads((path/"config.json").read_text())
+    c = shutil.copytree(path, tmp_path/"vocab")
+    _rewrite(c, "config.json", {**cfg, "vocab_size": tok.vocab_size + 1})
+    with pytest.raises(BundleError, match=f"{c/'config.json'}: the model has {tok.vocab_size + 1} token ids but the tokenizer {tok.vocab_size}"):
+        load_bundle(c)
+    c = shutil.copytree(path, tmp_path/"width")
+    _rewrite(c, "config.json", {**cfg, "width": 32})
+    with pytest.raises(BundleError, match=f"{c/'weights.safetensors'}: the weights do not fit"): load_bundle(c)
+    c = shutil.copytree(path, tmp_path/"key")
+    _rewrite(c, "config.json", {**cfg, "n_layer": 2})
+    with pytest.raises(BundleError, match="config.json.*n_layers"): load_bundle(c)
