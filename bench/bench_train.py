@@ -8,14 +8,18 @@ Each loop trains on batches of 16 x 256 tokens with AdamW and reports
 - achieved GFLOP/s by the 6N rule (6 x parameters x tokens/s) and its share of the machine's fp32 peak
   (184 GFLOP/s on 2 threads here, `--peak-gflops` to change).
 
-Loops are registered in `LOOPS`; this file holds the plain PyTorch loop (the issue measured 679 tok/s, about 45%
-of peak, for HF GPT-2 in a plain loop). The trainer layer adds its fastai loop beside it, so both are measured
-in one run with the same model, data and optimizer settings.
+Loops are registered in `LOOPS`: the plain PyTorch loop (the issue measured 679 tok/s, about 45% of peak, for HF
+GPT-2 in a plain loop) and kelly's fastai loop (`kelly.trainers.lm_learner` + `fit_lm`: LMLoss, AdamW with a
+one-cycle schedule, gradient clipping at 1.0, the pad-aware metrics, Throughput and the progress callbacks, batches
+through a fastai DataLoader), both measured in one run with the same model, data and optimizer settings. A fastai
+step is the time from one training batch's end to the next (data loading and every callback included). With
+`--rounds N` the loops alternate N times and each reports its median over all rounds, so a load change on a shared
+machine hits both.
 
 The batches are token ids drawn uniformly at random (seeded): throughput does not depend on the token values,
 and the benchmark must not need a corpus. This is stated in the output, not hidden.
 
-Usage: python bench/bench_train.py [--threads 2] [--steps 6] [--warmup 2] [--loops plain]
+Usage: python bench/bench_train.py [--threads 2] [--steps 6] [--warmup 2] [--rounds 1] [--loops plain,fastai]
 """
 import argparse
 import json
@@ -73,7 +77,34 @@ def plain_loop(model: MusicTransformer, batches, warmup: int) -> list[float]:
     return times
 
 
-LOOPS: dict[str, Callable] = {"plain": plain_loop}   # the trainer layer adds "fastai"
+def fastai_loop(model: MusicTransformer, batches, warmup: int) -> list[float]:
+    "kelly's fastai loop (`lm_learner` + `fit_lm`) over the same batches. Returns the timed steps' seconds."
+    from types import SimpleNamespace
+    from fastai.callback.core import Callback
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from kelly.trainers import OptimConfig, fit_lm, lm_learner
+
+    class StepTimes(Callback):
+        "Seconds from the end of one training batch to the end of the next (the first from the start of training)."
+        order = 100
+        def before_train(self): self.learn.step_times, self._t = [], time.perf_counter()
+        def after_batch(self):
+            if not self.training: return
+            now = time.perf_counter()
+            self.learn.step_times.append(now - self._t)
+            self._t = now
+
+    rows = [(x[i], y[i]) for x, y in batches for i in range(len(x))]
+    dls = DataLoaders(DataLoader(rows, bs=BATCH, drop_last=True), DataLoader(rows[:BATCH], bs=BATCH), device="cpu")
+    vocab = SimpleNamespace(vocab_size=SIZE["vocab_size"], pad_id=0)   # random ids: id 0 (~0.2% of targets) is ignored as pad
+    optim = OptimConfig(epochs=1, lr=LR, weight_decay=WEIGHT_DECAY, beta2=BETAS[1], moms=(BETAS[0],) * 3)
+    learn = lm_learner(dls, vocab, model, optim, cbs=[StepTimes()], progress=False)
+    fit_lm(learn)
+    return learn.step_times[warmup:]
+
+
+LOOPS: dict[str, Callable] = {"plain": plain_loop, "fastai": fastai_loop}
 
 
 def report(name: str, times: list[float], n_params: int, peak: float) -> dict:
@@ -88,6 +119,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6, help="timed steps per loop")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the loops this many times (medians over all rounds)")
     ap.add_argument("--loops", default=",".join(LOOPS), help=f"comma-separated, from {list(LOOPS)}")
     ap.add_argument("--peak-gflops", type=float, default=PEAK_GFLOPS)
     args = ap.parse_args()
@@ -97,11 +129,16 @@ def main():
     if unknown: raise SystemExit(f"unknown loop(s) {unknown}; available: {list(LOOPS)}")
     print(f"# bench_train: torch {torch.__version__}, threads {torch.get_num_threads()}, batch {BATCH}x{SEQ_LEN}, AdamW, "
           f"random token ids (seeded), loadavg at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    times = {name: [] for name in names}
+    batches = make_batches(args.warmup + args.steps)
+    for r in range(args.rounds):
+        for name in names:
+            model = make_model()
+            times[name] += LOOPS[name](model, batches, args.warmup)
+            if args.rounds > 1: print(f"# round {r + 1}: {name} median step {statistics.median(times[name][-args.steps:]):.3f} s", flush=True)
     rows = []
     for name in names:
-        model = make_model()
-        batches = make_batches(args.warmup + args.steps)
-        row = report(name, LOOPS[name](model, batches, args.warmup), model.n_params(), args.peak_gflops)
+        row = report(name, times[name], make_model().n_params(), args.peak_gflops)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"# loadavg at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; params {make_model().n_params()/1e6:.2f}M; "

@@ -1,0 +1,116 @@
+"""`kelly.trainers.train` end to end: a run that crashes and is resumed from its own run folder ends bit for bit where
+an uninterrupted run ends, and a 2-process torchrun job (gloo on the CPU) trains the model one process would.
+
+The data is real: the first chorales of kelly's built-in Bach corpus (built under the session's KELLY_HOME),
+tokenized into the token cache and cut into augmented windows. The model is a small MusicTransformer, so each
+run takes seconds. The equivalence of 2 ranks and 1 process for the callbacks themselves is proven in
+tests/test_distributed.py; here the trainer's own distributed path is run end to end: process group from
+torchrun's environment, sharded WindowLoaders, DDP, metrics summed over ranks, one run folder written by rank 0.
+"""
+import json
+import math
+import subprocess
+
+import pytest
+import torch
+
+from conftest import ROOT, tool
+from test_distributed import RUN_TIMEOUT_S, _env
+from train_job import CrashAt
+
+from kelly.callbacks import ReliabilityConfig, list_checkpoints, load_checkpoint
+from kelly.core import KELLY_HOME_ENV
+from kelly.datasets import LMDataConfig
+from kelly.models import TransformerConfig
+from kelly.samplers import generate
+from kelly.trainers import (CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, METRICS_FILE, OptimConfig, TrainConfig, train)
+
+SCRIPT = str(ROOT/"tests"/"train_job.py")
+N_PIECES = 8          # chorales of the built-in corpus
+EPOCHS, STEPS_PER_EPOCH, BS = 3, 6, 8
+CRASH_STEP = 10       # in epoch 1, two steps after the checkpoint of step 8
+METRIC_RTOL = 1e-3    # 2 ranks vs 1 process: same windows, gradients averaged in another order
+
+
+def small_config(runs_dir, name, bs=BS, world_size=1, dropout=0.1, sample_every=0) -> TrainConfig:
+    "`bs` windows per batch and rank; `STEPS_PER_EPOCH` steps per epoch over all `world_size` ranks."
+    return TrainConfig(name=name, runs_dir=runs_dir, corpus_limit=N_PIECES,
+                       data=LMDataConfig(seq_len=64, bs=bs, valid_frac=0.25, windows_per_epoch=STEPS_PER_EPOCH * bs * world_size),
+                       model=TransformerConfig(n_layers=2, width=64, n_heads=4, dropout=dropout),
+                       optim=OptimConfig(epochs=EPOCHS, lr=3e-3),
+                       reliability=ReliabilityConfig(checkpoint_every=4, keep_last=10, sample_every=sample_every, min_validity=0.0))   # untrained: judge collapse by share
+
+
+def monitor_sample(model, tokenizer):
+    return generate(model, tokenizer, n=1, max_new_tokens=32, top_k=20, seed=0, stop_at_eos=False, constrained=False).ids[0, 1:]
+
+
+@pytest.fixture(autouse=True)
+def home(kelly_home, monkeypatch):
+    monkeypatch.setenv(KELLY_HOME_ENV, str(kelly_home))
+    return kelly_home
+
+
+def test_crash_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    a = train(small_config(tmp_path, "a", sample_every=4), sample_fn=monitor_sample, progress=False)
+    assert a.metrics["valid_loss"] < math.log(a.learn.tokenizer.vocab_size)
+    assert [s["step"] for s in a.metrics["samples"]] == list(range(4, EPOCHS * STEPS_PER_EPOCH + 1, 4))   # the monitor ran
+
+    cfg_b = small_config(tmp_path, "b", sample_every=4)
+    with pytest.raises(RuntimeError, match=f"crash at step {CRASH_STEP}"):
+        train(cfg_b, sample_fn=monitor_sample, cbs=[CrashAt(CRASH_STEP)], progress=False)
+    b_dir = tmp_path/"b"
+    assert not (b_dir/METRICS_FILE).exists()
+    assert [p.name for p in list_checkpoints(b_dir/CHECKPOINT_DIR)][-1] == "step-000000008.pt"
+    assert [r.split(",")[0] for r in (b_dir/HISTORY_FILE).read_text().splitlines()[1:]] == ["0"]   # epoch 0 logged before the crash
+
+    b = train(TrainConfig.load(b_dir/CONFIG_FILE), resume=True, sample_fn=monitor_sample, progress=False)
+    assert b.run_dir == b_dir and b.metrics["resumed_from"] == str(b_dir/CHECKPOINT_DIR/"step-000000008.pt")
+    assert b.metrics["steps"] == a.metrics["steps"] == EPOCHS * STEPS_PER_EPOCH
+    for (k, p), q in zip(a.learn.model.state_dict().items(), b.learn.model.state_dict().values()): assert torch.equal(p, q), k
+    rows = (b_dir/HISTORY_FILE).read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == [str(e) for e in range(EPOCHS)]   # every epoch once, none repeated or empty
+    # the same validation numbers (train_loss is fastai's smoothed loss, whose running average restarts with the resumed fit)
+    assert rows[-1].split(",")[2:5] == (tmp_path/"a"/HISTORY_FILE).read_text().splitlines()[-1].split(",")[2:5]
+    assert json.loads((b_dir/METRICS_FILE).read_text())["valid_loss"] == a.metrics["valid_loss"]
+
+
+def test_resume_without_a_name_continues_the_latest_run(tmp_path):
+    with pytest.raises(RuntimeError, match="crash at step 5"):
+        train(small_config(tmp_path, None), cbs=[CrashAt(5)], progress=False)
+    (run,) = [p for p in tmp_path.iterdir()]
+    assert run.name.startswith("run-")
+    res = train(small_config(tmp_path, None), resume=True, progress=False)
+    assert res.run_dir == run and res.metrics["resumed_from"].endswith("step-000000004.pt")
+    state = load_checkpoint(list_checkpoints(run/CHECKPOINT_DIR)[-1])
+    assert state["config"]["values"]["name"] == run.name
+
+
+def _run(cmd):
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}"
+    return r
+
+
+def test_two_processes_under_torchrun_train_what_one_process_trains(tmp_path, home):
+    "2 ranks with batch 8 each vs 1 process with batch 16: the same windows per step, the same model at the end."
+    one = train(small_config(tmp_path/"runs", "one", bs=2 * BS, dropout=0.0), progress=False)
+    cfg = tmp_path/"two.yaml"
+    small_config(tmp_path/"runs", "two", bs=BS, world_size=2, dropout=0.0).save(cfg)
+    r = _run([tool("torchrun"), "--standalone", "--nproc_per_node=2", SCRIPT, str(cfg), "--report", str(tmp_path/"report"), "--distributed"])
+    assert "distributed: rank 0 of 2 (local rank 0) on cpu with gloo" in r.stderr   # ranks > 0 log warnings only
+    r0, r1 = (json.loads((tmp_path/"report"/f"rank{k}.json").read_text()) for k in (0, 1))
+    run = tmp_path/"runs"/"two"
+    assert r0["run_dir"] == r1["run_dir"] == str(run)                         # rank 0 chose the folder for both
+    assert r0["weights"] == r1["weights"]                                      # DDP kept the replicas identical
+    m0, m1, m = r0["metrics"], r1["metrics"], one.metrics
+    assert m0["world_size"] == 2 and m0["steps"] == m["steps"] == EPOCHS * STEPS_PER_EPOCH
+    for key in ("token_accuracy", "perplexity"): assert m0[key] == m1[key], key   # summed over ranks: every rank reports the whole set
+    for key in ("valid_loss", "token_accuracy", "perplexity"):
+        assert math.isclose(m0[key], m[key], rel_tol=METRIC_RTOL), (key, m0[key], m[key])
+    w1, w2 = one.learn.model.state_dict(), torch.load(tmp_path/"report"/"weights.pt", weights_only=True)
+    for k in w1: torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-4)
+    assert json.loads((run/METRICS_FILE).read_text())["world_size"] == 2      # rank 0 wrote the run folder
+    assert len((run/HISTORY_FILE).read_text().splitlines()) == EPOCHS + 1
+    state = load_checkpoint(list_checkpoints(run/CHECKPOINT_DIR)[-1])
+    assert state["world_size"] == 2 and state["config"]["class"] == "TrainConfig"
