@@ -53,3 +53,39 @@ def test_errors_are_one_line(tmp_path):
     assert r.returncode == 1 and "missing" in r.stderr and "Traceback" not in r.stderr
     r = kelly("tokenize", tmp_path, "--velocity_bins", "lots", home=tmp_path/"home")
     assert r.returncode == 1 and "velocity_bins" in r.stderr and "Traceback" not in r.stderr
+
+
+TINY_TRAIN = ["--corpus_limit", "8", "--model.n_layers", "1", "--model.width", "32", "--model.n_heads", "2",
+              "--data.seq_len", "64", "--data.bs", "8", "--data.windows_per_epoch", "64", "--optim.epochs", "1",
+              "--reliability.sample_every", "4", "--reliability.min_validity", "0", "--quiet"]
+
+
+def test_train_then_generate_on_the_default_corpus(tmp_path, kelly_home):
+    r = kelly("train", "--name", "cli-e2e", *TINY_TRAIN, "--samples", "1", "--sample_tokens", "64", home=kelly_home)
+    assert r.returncode == 0, r.stderr[-4000:]
+    run = kelly_home/"runs"/"cli-e2e"
+    assert (run/"bundle"/"manifest.json").is_file() and (run/"samples"/"piece-000.mid").is_file()
+    assert "bundle: " in r.stdout and "perplexity" in r.stdout
+    # generate without --model picks the newest bundle, which is this run's
+    r = kelly("generate", "-n", "2", "--out", tmp_path/"gen", "--max_new_tokens", "64", "--seed", "3", home=kelly_home)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert str(run/"bundle") in r.stdout
+    assert sorted(p.name for p in (tmp_path/"gen").iterdir()) == ["piece-000.mid", "piece-000.png", "piece-001.mid", "piece-001.png"]
+    r = kelly("info", run/"bundle", home=kelly_home)
+    assert r.returncode == 0 and '"run": "cli-e2e"' in r.stdout
+
+
+def test_train_distributed_under_torchrun(kelly_home):
+    env = {**os.environ, "KELLY_HOME": str(kelly_home)}
+    r = subprocess.run([tool("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "kelly.cli", "train", "--distributed",
+                        "--name", "cli-ddp", *TINY_TRAIN, "--samples", "0"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    run = kelly_home/"runs"/"cli-ddp"
+    assert (run/"bundle"/"manifest.json").is_file()
+    assert '"world_size": 2' in (run/"metrics.json").read_text()
+    assert r.stdout.count("bundle: ") == 1          # only rank 0 reports and writes
+
+
+def test_distributed_without_launcher_is_an_error(kelly_home):
+    r = kelly("train", "--distributed", *TINY_TRAIN, home=kelly_home)
+    assert r.returncode == 1 and "torchrun" in r.stderr and "Traceback" not in r.stderr
