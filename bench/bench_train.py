@@ -14,7 +14,8 @@ one-cycle schedule, gradient clipping at 1.0, the pad-aware metrics, Throughput 
 through a fastai DataLoader), both measured in one run with the same model, data and optimizer settings. A fastai
 step is the time from one training batch's end to the next (data loading and every callback included). With
 `--rounds N` the loops alternate N times and each reports its median over all rounds, so a load change on a shared
-machine hits both.
+machine hits both. Each row also gives tokens per CPU-second of the process (`tok_per_cpu_s`): on a busy shared
+machine, `--threads 1` and that figure compare the loops' work more steadily than the wall clock can.
 
 The batches are token ids drawn uniformly at random (seeded): throughput does not depend on the token values,
 and the benchmark must not need a corpus. This is stated in the output, not hidden.
@@ -60,25 +61,25 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS)
 
 
-def plain_loop(model: MusicTransformer, batches, warmup: int) -> list[float]:
-    "Plain PyTorch: forward, cross-entropy, backward, AdamW step. Returns the timed steps' seconds."
+def plain_loop(model: MusicTransformer, batches, warmup: int) -> list[tuple[float, float]]:
+    "Plain PyTorch: forward, cross-entropy, backward, AdamW step. Returns the timed steps' (wall, process CPU) seconds."
     model.train()
     opt = make_optimizer(model)
     times = []
     for i, (x, y) in enumerate(batches):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         logits = model(x)
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         loss.detach().item()   # the value a loop would log; also a sync point on accelerators
-        if i >= warmup: times.append(time.perf_counter() - t)
+        if i >= warmup: times.append((time.perf_counter() - t, time.process_time() - c))
     return times
 
 
-def fastai_loop(model: MusicTransformer, batches, warmup: int) -> list[float]:
-    "kelly's fastai loop (`lm_learner` + `fit_lm`) over the same batches. Returns the timed steps' seconds."
+def fastai_loop(model: MusicTransformer, batches, warmup: int) -> list[tuple[float, float]]:
+    "kelly's fastai loop (`lm_learner` + `fit_lm`) over the same batches. Returns the timed steps' (wall, process CPU) seconds."
     from types import SimpleNamespace
     from fastai.callback.core import Callback
     from fastai.data.core import DataLoaders
@@ -86,13 +87,13 @@ def fastai_loop(model: MusicTransformer, batches, warmup: int) -> list[float]:
     from kelly.trainers import OptimConfig, fit_lm, lm_learner
 
     class StepTimes(Callback):
-        "Seconds from the end of one training batch to the end of the next (the first from the start of training)."
+        "(wall, CPU) seconds from the end of one training batch to the end of the next (the first from the start of training)."
         order = 100
-        def before_train(self): self.learn.step_times, self._t = [], time.perf_counter()
+        def before_train(self): self.learn.step_times, self._t = [], (time.perf_counter(), time.process_time())
         def after_batch(self):
             if not self.training: return
-            now = time.perf_counter()
-            self.learn.step_times.append(now - self._t)
+            now = (time.perf_counter(), time.process_time())
+            self.learn.step_times.append((now[0] - self._t[0], now[1] - self._t[1]))
             self._t = now
 
     rows = [(x[i], y[i]) for x, y in batches for i in range(len(x))]
@@ -107,11 +108,15 @@ def fastai_loop(model: MusicTransformer, batches, warmup: int) -> list[float]:
 LOOPS: dict[str, Callable] = {"plain": plain_loop, "fastai": fastai_loop}
 
 
-def report(name: str, times: list[float], n_params: int, peak: float) -> dict:
-    tok_s = BATCH * SEQ_LEN / statistics.median(times)
+def report(name: str, times: list[tuple[float, float]], n_params: int, peak: float) -> dict:
+    """tok/s from the median wall time per step (and the 6N rule's GFLOP/s), plus tokens per CPU-second of this
+    process: on a shared machine the CPU figure moves less with other people's load than the wall-clock one."""
+    wall, cpu = [t for t, _ in times], [c for _, c in times]
+    tok_s = BATCH * SEQ_LEN / statistics.median(wall)
     gflops = 6 * n_params * tok_s / 1e9
     return {"loop": name, "tok_s": round(tok_s, 1), "gflops_6n": round(gflops, 1), "pct_peak": round(100 * gflops / peak, 1),
-            "step_s": [round(t, 3) for t in times]}
+            "tok_per_cpu_s": round(BATCH * SEQ_LEN / statistics.median(cpu), 1),
+            "step_s": [round(t, 3) for t in wall], "cpu_s": [round(c, 3) for c in cpu]}
 
 
 def main():
@@ -135,7 +140,7 @@ def main():
         for name in names:
             model = make_model()
             times[name] += LOOPS[name](model, batches, args.warmup)
-            if args.rounds > 1: print(f"# round {r + 1}: {name} median step {statistics.median(times[name][-args.steps:]):.3f} s", flush=True)
+            if args.rounds > 1: print(f"# round {r + 1}: {name} median step {statistics.median(t for t, _ in times[name][-args.steps:]):.3f} s", flush=True)
     rows = []
     for name in names:
         row = report(name, times[name], make_model().n_params(), args.peak_gflops)
@@ -145,7 +150,9 @@ def main():
           f"issue's plain-loop reference: {PLAIN_REFERENCE_TOK_S} tok/s")
     if len(rows) > 1:
         base = rows[0]["tok_s"]
-        for r in rows[1:]: print(f"{r['loop']} / {rows[0]['loop']}: {r['tok_s'] / base:.3f}x (overhead {100 * (1 - r['tok_s'] / base):+.1f}%)")
+        for r in rows[1:]:
+            print(f"{r['loop']} / {rows[0]['loop']}: {r['tok_s'] / base:.3f}x wall (overhead {100 * (1 - r['tok_s'] / base):+.1f}%), "
+                  f"{r['tok_per_cpu_s'] / rows[0]['tok_per_cpu_s']:.3f}x per CPU-second (overhead {100 * (1 - r['tok_per_cpu_s'] / rows[0]['tok_per_cpu_s']):+.1f}%)")
 
 
 if __name__ == "__main__":
