@@ -114,3 +114,27 @@ def test_two_processes_under_torchrun_train_what_one_process_trains(tmp_path, ho
     assert len((run/HISTORY_FILE).read_text().splitlines()) == EPOCHS + 1
     state = load_checkpoint(list_checkpoints(run/CHECKPOINT_DIR)[-1])
     assert state["world_size"] == 2 and state["config"]["class"] == "TrainConfig"
+
+
+def test_unequal_validation_shards_fail_fast_instead_of_hanging(tmp_path, home):
+    """An odd number of validation windows with a per-rank batch of half of them: rank 0 would run 2 validation
+    batches and rank 1 one, and fastai's per-batch loss gather would wait forever. The job must end: with the
+    trainer's clear error before anything is written, or trained if the datasets layer evens the shards out."""
+    from kelly.datasets import bach_chorales, lm_dataloaders
+    from kelly.tokenizer import Tokenizer
+    cfg = small_config(tmp_path/"runs", "uneven", world_size=2)
+    tok, corpus = Tokenizer(cfg.tokenizer), bach_chorales(N_PIECES, progress=False)
+    for stride in range(64, 32, -1):   # a validation stride giving an odd number of windows
+        data = cfg.data.override(f"valid_stride={stride}")
+        n = len(lm_dataloaders(corpus, tok, data, progress=False).valid.dataset)
+        if n % 2 and n >= 3: break
+    else: pytest.fail("no stride gives an odd number of validation windows")
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "data": data.override(f"bs={n // 2}", f"windows_per_epoch={2 * STEPS_PER_EPOCH * (n // 2)}").to_dict()})
+    cfg.save(tmp_path/"uneven.yaml")
+    cmd = [tool("torchrun"), "--standalone", "--nproc_per_node=2", SCRIPT, str(tmp_path/"uneven.yaml"), "--report", str(tmp_path/"report"), "--distributed"]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    if r.returncode != 0:
+        assert "DistributedError" in r.stderr and "the validation shards give [2, 1] batches per rank" in r.stderr, r.stderr[-4000:]
+        assert not (tmp_path/"runs"/"uneven").exists()        # refused before the run folder was written
+    else:
+        assert json.loads((tmp_path/"report"/"rank0.json").read_text())["metrics"]["world_size"] == 2
