@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['FLAG_DEST_PREFIX', 'SUBCOMMANDS', 'SEED_RANGE', 'BUNDLE_DIR', 'SAMPLES_DIR', 'MONITOR_SAMPLE_TOKENS', 'MONITOR_TOP_K',
-           'QUALITY_REPORT', 'config_fields', 'add_config_flags', 'config_from_args', 'subcommand', 'build_parser',
-           'main', 'cmd_tokenize', 'newest_bundle', 'cmd_generate', 'cmd_info', 'monitor_sample', 'cmd_train',
-           'corpus_stat_range', 'evaluate_samples', 'cmd_evaluate']
+           'DERIVED_TRAIN_KEYS', 'QUALITY_REPORT', 'config_fields', 'add_config_flags', 'config_from_args',
+           'subcommand', 'build_parser', 'main', 'cmd_tokenize', 'newest_bundle', 'cmd_generate', 'cmd_info',
+           'monitor_sample', 'train_config_from_args', 'cmd_train', 'corpus_stat_range', 'evaluate_samples',
+           'cmd_evaluate']
 
 # %% ../nbs/13_cli.ipynb #8fa2c8a0
 import argparse
@@ -26,7 +27,7 @@ from .samplers import SamplingConfig, generate, midi_prompt
 from .exporters import MANIFEST_FILE, bundle_info, export_pieces, load_bundle, save_bundle
 from .metrics import StatRange, grammar_validity, max_token_share, music_stats, COLLAPSE_SHARE
 from .callbacks import is_main_process
-from .trainers import TrainConfig, train
+from .trainers import CONFIG_FILE, TrainConfig, run_folder, train
 from .datasets import MidiCorpus, bach_chorales
 from .midi import load_midi, MidiError
 
@@ -51,13 +52,15 @@ def config_fields(cls: type, prefix: str = "") -> list[tuple[str, typing.Any, st
 
 def add_config_flags(parser: argparse.ArgumentParser,  # where the flags go
                      cls: type,  # the `Config` dataclass they describe
-                     title: str | None = None):  # heading of the flag group in `--help`
-    "Add a `--section.field VALUE` flag for every field of `cls`; `--config FILE` loads a JSON/YAML file first."
+                     title: str | None = None,  # heading of the flag group in `--help`
+                     skip: tuple[str, ...] = ()):  # dotted names that get no flag (values derived from others)
+    "Add a `--section.field VALUE` flag for every field of `cls` (but `skip`); `--config FILE` loads a JSON/YAML file first."
     group = parser.add_argument_group(title or f"{cls.__name__} (defaults in brackets; lists as [a, b])")
     group.add_argument("--config", type=Path, default=None, metavar="FILE",
                        help=f"a JSON or YAML file holding a {cls.__name__}; flags override it")
     defaults = dict(_flatten(cls().to_dict()))
     for name, tp, help_ in config_fields(cls):
+        if name in skip: continue
         group.add_argument(f"--{name}", dest=FLAG_DEST_PREFIX + name, default=None, metavar="VALUE",
                            help=f"{help_} [{defaults.get(name)!r}]")
     return parser
@@ -68,9 +71,10 @@ def _flatten(d: dict, prefix: str = ""):
         else: yield f"{prefix}{k}", v
 
 def config_from_args(args: argparse.Namespace,  # parsed by a parser that has `add_config_flags(..., cls)`
-                     cls: type):  # the config class
-    "Defaults, then the `--config` file, then every flag given: a validated `cls` instance."
-    cfg = cls.load(args.config) if getattr(args, "config", None) else cls()
+                     cls: type,  # the config class
+                     base=None):  # start from this config instead of the defaults (a `--config` file still wins)
+    "Defaults (or `base`), then the `--config` file, then every flag given: a validated `cls` instance."
+    cfg = cls.load(args.config) if getattr(args, "config", None) else (base if base is not None else cls())
     overrides = [f"{k[len(FLAG_DEST_PREFIX):]}={v}" for k, v in vars(args).items()
                  if k.startswith(FLAG_DEST_PREFIX) and v is not None]
     return cfg.override(*overrides) if overrides else cfg
@@ -199,10 +203,19 @@ def monitor_sample(model, tokenizer):  # the model being trained; its tokenizer
                    stop_at_eos=False, constrained=False)
     return gen.ids[0, 1:]
 
+DERIVED_TRAIN_KEYS = ("model.vocab_size", "model.max_len")  # filled in from the tokenizer and data.seq_len
+
+def train_config_from_args(args) -> TrainConfig:  # parsed arguments of `kelly train`
+    "The run's `TrainConfig`: defaults (or, resuming without `--config`, the run's saved config.yaml), then the file, then flags."
+    config = config_from_args(args, TrainConfig)
+    if args.resume is None or args.config is not None: return config
+    saved = run_folder(config, args.resume)/CONFIG_FILE
+    return config_from_args(args, TrainConfig, base=TrainConfig.load(saved)) if saved.is_file() else config
+
 def cmd_train(args, out=None) -> int:  # parsed arguments of `kelly train`; where to print (default stdout)
     "Train a model from the config and flags, then (rank 0) write its bundle and sample pieces; returns the exit status."
     out = out or sys.stdout
-    config = config_from_args(args, TrainConfig)
+    config = train_config_from_args(args)
     result = train(config, distributed=args.distributed, resume=args.resume if args.resume is not None else False,
                    sample_fn=monitor_sample if config.reliability.sample_every else None, progress=not args.quiet)
     if not is_main_process(): return 0
@@ -229,7 +242,7 @@ def _add_train(sub):
     p.add_argument("--samples", type=int, default=4, help="pieces to generate into <run>/samples after training (0: none) [4]")
     p.add_argument("--sample_tokens", type=int, default=512, help="tokens per sample piece [512]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_flags(p, TrainConfig, "training settings")
+    add_config_flags(p, TrainConfig, "training settings", skip=DERIVED_TRAIN_KEYS)
     p.set_defaults(func=cmd_train)
 
 # %% ../nbs/13_cli.ipynb #33809da8
