@@ -988,7 +988,7 @@ class SampleMonitor(KellyCallback):
     def __init__(self, generate: Callable[[nn.Module], Any],  # model -> token ids (list, array or tensor)
                  every_n_steps: int = 200,  # how often (in training steps)
                  validity: Callable[[Any], float] | None = None,  # ids -> fraction valid, e.g. tokenizer.grammar.validity
-                 min_validity: float = 0.9,  # a sample less valid than this is a collapse
+                 min_validity: float = 0.9,  # once a sample has reached this validity, a less valid one is a collapse
                  max_token_share: float = 0.5,  # a sample where one token is more than this share is a collapse
                  seed: int = 0,  # torch is seeded with seed + step while generating
                  on_sample: Callable[[np.ndarray, dict], None] | None = None,  # called with (ids, report) on rank 0
@@ -997,6 +997,10 @@ class SampleMonitor(KellyCallback):
         self.generate, self.every_n_steps, self.validity, self.min_validity = generate, every_n_steps, validity, min_validity
         self.max_token_share, self.seed, self.on_sample = max_token_share, seed, on_sample
         self.reports = deque(maxlen=keep)
+        self.validity_reached = False  # a sample has been at least `min_validity` valid: the validity test is armed
+
+    def state_dict(self) -> dict: return {"validity_reached": self.validity_reached}
+    def load_state_dict(self, state: dict): self.validity_reached = bool(state["validity_reached"])
 
     def before_fit(self):
         if not is_training_fit(self.learn): self.run = False
@@ -1009,7 +1013,9 @@ class SampleMonitor(KellyCallback):
                   "validity": float(self.validity(ids)) if self.validity is not None else None}
         problems = []
         if report["top_token_share"] > self.max_token_share: problems.append(f"one token is {report['top_token_share']:.0%} of the sample (limit {self.max_token_share:.0%})")
-        if report["validity"] is not None and report["validity"] < self.min_validity: problems.append(f"validity {report['validity']:.2f} < {self.min_validity:.2f}")
+        v = report["validity"]
+        if v is not None and v >= self.min_validity: self.validity_reached = True
+        elif v is not None and self.validity_reached: problems.append(f"validity {v:.2f} < {self.min_validity:.2f}")
         report["collapse"] = "; ".join(problems) or None
         self.reports.append(report)
         if report["collapse"]:
