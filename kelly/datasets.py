@@ -789,10 +789,11 @@ class WindowLoader(DataLoader):
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 def _shard(ds: TokenWindows, rank: int, world_size: int) -> np.ndarray:
-    "Window indices of one rank: interleaved; equal counts per rank for training windows."
+    "Window indices of one rank, interleaved, equal counts on every rank: training drops the remainder, validation wraps around."
     n = len(ds)
-    if isinstance(ds, RandomWindows): n -= n % world_size
-    return np.arange(rank, n, world_size, dtype=np.int64)
+    if isinstance(ds, RandomWindows): return np.arange(rank, n - n % world_size, world_size, dtype=np.int64)
+    padded = -(-n // world_size) * world_size if n else 0
+    return np.arange(rank, padded, world_size, dtype=np.int64) % max(n, 1)
 
 # %% ../nbs/04_datasets.ipynb #9be162cf
 @dataclasses.dataclass

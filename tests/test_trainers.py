@@ -119,7 +119,8 @@ def test_two_processes_under_torchrun_train_what_one_process_trains(tmp_path, ho
 def test_unequal_validation_shards_fail_fast_instead_of_hanging(tmp_path, home):
     """An odd number of validation windows with a per-rank batch of half of them: rank 0 would run 2 validation
     batches and rank 1 one, and fastai's per-batch loss gather would wait forever. The job must end: with the
-    trainer's clear error before anything is written, or trained if the datasets layer evens the shards out."""
+    trainer's clear error before anything is written, or trained because the datasets layer evens the shards out
+    (it does: the shorter shard repeats a window), so it must train."""
     from kelly.datasets import bach_chorales, lm_dataloaders
     from kelly.tokenizer import Tokenizer
     cfg = small_config(tmp_path/"runs", "uneven", world_size=2)
@@ -133,8 +134,6 @@ def test_unequal_validation_shards_fail_fast_instead_of_hanging(tmp_path, home):
     cfg.save(tmp_path/"uneven.yaml")
     cmd = [tool("torchrun"), "--standalone", "--nproc_per_node=2", SCRIPT, str(tmp_path/"uneven.yaml"), "--report", str(tmp_path/"report"), "--distributed"]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    if r.returncode != 0:
-        assert "DistributedError" in r.stderr and "the validation shards give [2, 1] batches per rank" in r.stderr, r.stderr[-4000:]
-        assert not (tmp_path/"runs"/"uneven").exists()        # refused before the run folder was written
-    else:
-        assert json.loads((tmp_path/"report"/"rank0.json").read_text())["metrics"]["world_size"] == 2
+    # the datasets layer pads the shorter validation shard, so the job trains instead of hanging
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert json.loads((tmp_path/"report"/"rank0.json").read_text())["metrics"]["world_size"] == 2
