@@ -142,13 +142,19 @@ def bench_constraints(new: int, repeats: int) -> dict | None:
     for r in range(repeats):
         wall, steps = time_kelly(model, 1, new, tokenizer=tok, constrained=False, seed=r); off.append(wall); off_steps += steps
         wall, steps = time_kelly(model, 1, new, tokenizer=tok, constrained=True, seed=r); on.append(wall); on_steps += steps
-    # the constraint's own work per step, timed alone: gather the previous tokens' rows and mask the logits
+    # the constraint's own work per step, timed alone: gather the previous tokens' rows, mask the logits,
+    # mask the positions the bar state rules out and advance that state
+    from kelly.samplers import PositionRule
     forbidden = grammar_forbidden(tok, tok.vocab_size)
+    rule = PositionRule(tok.grammar)
+    rule.start(torch.tensor([[tok.bos_id]]))
     logits, prev = torch.randn(1, tok.vocab_size), torch.zeros(1, dtype=torch.long)
     n = 20_000
     with torch.inference_mode():
         t = time.perf_counter()
-        for i in range(n): logits.masked_fill(forbidden[prev], float("-inf"))
+        for i in range(n):
+            masked = logits.masked_fill(forbidden[prev], float("-inf")).masked_fill(rule.forbidden(), float("-inf"))
+            rule.update(prev)
         mask_step = (time.perf_counter() - t) / n
     t_off, t_on = statistics.median(off), statistics.median(on)
     row = {"case": "constraints", "vocab_size": tok.vocab_size, "new_tokens": new, "off_s": round(t_off, 3), "on_s": round(t_on, 3),

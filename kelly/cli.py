@@ -12,6 +12,7 @@ __all__ = ['FLAG_DEST_PREFIX', 'SUBCOMMANDS', 'SEED_RANGE', 'BUNDLE_DIR', 'SAMPL
 # %% ../nbs/13_cli.ipynb #8fa2c8a0
 import argparse
 import json
+import logging
 import sys
 import typing
 from pathlib import Path
@@ -153,12 +154,22 @@ def newest_bundle(root: Path | None = None) -> Path:  # where to look (default: 
     if not found: raise KellyError(f"no model bundle under {root}: train one with `kelly train`, or pass --model BUNDLE")
     return max(found, key=lambda p: (p/MANIFEST_FILE).stat().st_mtime_ns)
 
+def _add_model_flag(p):
+    p.add_argument("--model", type=Path, default=None, metavar="BUNDLE", help="bundle folder (default: the newest under $KELLY_HOME/runs)")
+
+def _bundle_path(args) -> Path:
+    "`--model`, or the newest bundle (named in the log) when it was not given."
+    if args.model is not None: return args.model
+    path = newest_bundle()
+    logging.getLogger(__name__).info("no --model given: using the newest bundle, %s", path)
+    return path
+
 def cmd_generate(args, out=None) -> int:  # parsed arguments of `kelly generate`; where to print (default stdout)
     "Sample pieces from a bundle and write MIDI files and piano rolls; returns the exit status."
     out = out or sys.stdout
     sampling = config_from_args(args, SamplingConfig)
     if sampling.seed is None: sampling = sampling.override(f"seed={int(torch.randint(SEED_RANGE, ()))}")
-    path = args.model if args.model is not None else newest_bundle()
+    path = _bundle_path(args)
     bundle = load_bundle(path, device=args.device)
     prompt = midi_prompt(bundle.tokenizer, args.prompt, args.prompt_tokens) if args.prompt is not None else None
     gen = generate(bundle.model, bundle.tokenizer, prompt=prompt, n=args.n, config=sampling)
@@ -175,7 +186,7 @@ def cmd_info(args, out=None) -> int:  # parsed arguments of `kelly info`; where 
 @subcommand
 def _add_generate(sub):
     p = sub.add_parser("generate", help="sample MIDI pieces (and piano rolls) from a model bundle", description=cmd_generate.__doc__)
-    p.add_argument("--model", type=Path, default=None, metavar="BUNDLE", help="bundle folder (default: the newest under $KELLY_HOME/runs)")
+    _add_model_flag(p)
     p.add_argument("-n", type=int, default=4, help="pieces to generate [4]")
     p.add_argument("--out", type=Path, default=Path("generated"), metavar="DIR", help="where the files go [generated]")
     p.add_argument("--prefix", default="piece", help="file names are <prefix>-000.mid, ... [piece]")
@@ -261,7 +272,8 @@ def _piece_report(ids, tokenizer, corpus: StatRange | None) -> dict:
     music, dec = tokenizer.decode_with_report(ids)
     st = music_stats(music)
     return {"n_tokens": int(len(ids)), "validity": grammar_validity(ids, tokenizer), "valid": bool(tokenizer.grammar.is_valid(ids)),
-            "max_token_share": max_token_share(ids, tokenizer), "skipped_ids": int(dec.n_skipped), "n_notes": st.n_notes,
+            "max_token_share": max_token_share(ids, tokenizer), "skipped_ids": int(dec.n_skipped - dec.unfinished),
+            "unfinished_ids": int(dec.unfinished), "n_notes": st.n_notes,
             "notes_per_bar": st.notes_per_bar, "pitch_min": st.pitch_min, "pitch_max": st.pitch_max,
             "outside_corpus": corpus.outside(st) if corpus is not None and st.n_notes else []}
 
@@ -272,6 +284,7 @@ def _summary(pieces: list[dict]) -> dict:
             "max_token_share": max(p["max_token_share"] for p in pieces),
             "collapsed": sum(p["max_token_share"] > COLLAPSE_SHARE for p in pieces),
             "pieces_with_skipped_ids": sum(p["skipped_ids"] > 0 for p in pieces),
+            "pieces_cut_mid_event": sum(p["unfinished_ids"] > 0 for p in pieces),
             "empty_pieces": sum(p["n_notes"] == 0 for p in pieces),
             "outside_corpus_range": sum(bool(p["outside_corpus"]) for p in pieces)}
 
@@ -292,7 +305,7 @@ def evaluate_samples(model, tokenizer,  # the model and its tokenizer
 def cmd_evaluate(args, out=None) -> int:  # parsed arguments of `kelly evaluate`; where to print (default stdout)
     "Sample from a bundle with and without constraints and print the quality summary; returns the exit status."
     out = out or sys.stdout
-    path = args.model if args.model is not None else newest_bundle()
+    path = _bundle_path(args)
     bundle = load_bundle(path)
     corpus_dir = args.corpus
     if corpus_dir is None:
@@ -306,14 +319,14 @@ def cmd_evaluate(args, out=None) -> int:  # parsed arguments of `kelly evaluate`
         s = report[name]["summary"]
         print(f"{name}: {s['pieces']} pieces, fully valid {100 * s['valid_pieces']:.1f}%, mean validity {100 * s['mean_validity']:.2f}%, "
               f"max token share {s['max_token_share']:.2f} (collapsed: {s['collapsed']}), with skipped ids {s['pieces_with_skipped_ids']}, "
-              f"empty {s['empty_pieces']}, outside the corpus range {s['outside_corpus_range']}", file=out)
+              f"cut mid-event {s['pieces_cut_mid_event']}, empty {s['empty_pieces']}, outside the corpus range {s['outside_corpus_range']}", file=out)
     print(f"report: {dest}", file=out)
     return 0
 
 @subcommand
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="measure generated pieces: validity, collapse, corpus range", description=cmd_evaluate.__doc__)
-    p.add_argument("--model", type=Path, default=None, metavar="BUNDLE", help="bundle folder (default: the newest under $KELLY_HOME/runs)")
+    _add_model_flag(p)
     p.add_argument("-n", type=int, default=32, help="pieces with and without constraints [32]")
     p.add_argument("--corpus", type=Path, default=None, metavar="DIR", help="the corpus to compare with (default: the bundle's training corpus)")
     p.add_argument("--report", type=Path, default=None, metavar="FILE", help=f"where the JSON report goes [<run>/{QUALITY_REPORT}]")

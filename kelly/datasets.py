@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['logger', 'BACH_SOURCE_DIR', 'BACH_SOURCE_SUFFIXES', 'BACH_FOLDER', 'BACH_MANIFEST', 'BACH_FORMAT_VERSION',
            'TOKEN_CACHE_FORMAT_VERSION', 'TOKEN_CACHE_DIR', 'TOKEN_CACHE_MANIFEST', 'TOKEN_CACHE_REPORT',
-           'STREAM_WINDOW', 'STREAM_TRANSPOSE', 'STREAM_VELOCITY', 'STREAM_TEMPO', 'MAX_TRANSPOSE', 'DatasetError',
-           'bach_sources', 'bach_chorales', 'CorpusFile', 'MidiCorpus', 'split_by_piece', 'token_dtype',
+           'STREAM_WINDOW', 'STREAM_TRANSPOSE', 'STREAM_VELOCITY', 'STREAM_TEMPO', 'MAX_TRANSPOSE', 'ANCHOR_SCAN_CHUNK',
+           'DatasetError', 'bach_sources', 'bach_chorales', 'CorpusFile', 'MidiCorpus', 'split_by_piece', 'token_dtype',
            'corpus_file_index', 'corpus_key', 'default_cache_folder', 'TokenCache', 'CounterRNG', 'TokenWindows',
            'AugmentConfig', 'Augmentation', 'RandomWindows', 'SlidingWindows', 'WindowLoader', 'LMDataConfig',
            'lm_dataloaders']
@@ -647,16 +647,32 @@ class Augmentation:
     def __repr__(self): return f"Augmentation({self.config}, seed={self.rng.seed})"
 
 # %% ../nbs/04_datasets.ipynb #b63a1f12
+ANCHOR_SCAN_CHUNK = 1 << 22   # ids read at a time while looking for window anchors
+
+def _anchor_starts(cache: TokenCache, docs: np.ndarray, anchor_id: int) -> tuple[np.ndarray, np.ndarray]:
+    "Flat positions of `anchor_id` inside the selected documents (in `docs` order), and cumulative start counts (bos + anchors)."
+    found = []
+    for lo in range(0, cache.n_tokens, ANCHOR_SCAN_CHUNK):
+        chunk = cache.read(lo, min(lo + ANCHOR_SCAN_CHUNK, cache.n_tokens))
+        found.append(np.flatnonzero(chunk == anchor_id).astype(np.int64) + lo)
+    at = np.concatenate(found) if found else np.zeros(0, np.int64)
+    begin, end = cache.offsets[docs].astype(np.int64), cache.offsets[docs + 1].astype(np.int64)
+    lo, hi = np.searchsorted(at, begin), np.searchsorted(at, end)
+    anchors = np.concatenate([at[a:b] for a, b in zip(lo, hi)]) if len(docs) else np.zeros(0, np.int64)
+    return anchors, np.cumsum(hi - lo + 1)
+
 class RandomWindows(TokenWindows):
     "Training windows drawn uniformly among all windows of the selected documents, optionally augmented."
     def __init__(self, cache: TokenCache, tokenizer, seq_len: int,
                  docs: Sequence[int] | None = None,  # indices of the cache's documents (default: all)
                  seed: int = 0,  # seeds which windows are drawn
                  windows_per_epoch: int | None = None,  # default: enough windows to cover the selected tokens once
-                 augment: Augmentation | None = None):  # varies each window on the fly
+                 augment: Augmentation | None = None,  # varies each window on the fly
+                 anchor_id: int | None = None):  # start windows only at bos or at this token (e.g. `tokenizer.bar_id`)
         super().__init__(cache, tokenizer, seq_len, docs)
-        self.rng, self.augment = CounterRNG(seed), augment
-        self.cum_starts = np.cumsum(np.maximum(self.framed_lengths - self.seq_len, 1))
+        self.rng, self.augment, self.anchor_id = CounterRNG(seed), augment, anchor_id
+        if anchor_id is None: self.cum_starts = np.cumsum(np.maximum(self.framed_lengths - self.seq_len, 1))
+        else: self.anchors, self.cum_starts = _anchor_starts(cache, self.docs, int(anchor_id))
         n_targets = int((self.framed_lengths - 1).sum())
         self.windows_per_epoch = int(windows_per_epoch or max(1, math.ceil(n_targets / self.seq_len)))
         if self.windows_per_epoch < 1: raise DatasetError(f"windows_per_epoch must be positive, got {windows_per_epoch}")
@@ -667,7 +683,11 @@ class RandomWindows(TokenWindows):
         "`(doc, start)` of window `index` in `epoch`: `doc` indexes `self.docs`, `start` the framed document."
         u = self.rng.integers(STREAM_WINDOW, epoch, int(index), int(self.cum_starts[-1]))
         doc = int(np.searchsorted(self.cum_starts, u, side="right"))
-        return doc, u - (int(self.cum_starts[doc - 1]) if doc else 0)
+        k = u - (int(self.cum_starts[doc - 1]) if doc else 0)
+        if self.anchor_id is None: return doc, k
+        if k == 0: return doc, 0                                   # the document's bos
+        first = int(self.cum_starts[doc - 1]) - doc if doc else 0  # anchors of earlier documents
+        return doc, int(self.anchors[first + k - 1] - self.cache.offsets[self.docs[doc]]) + 1   # +1: bos comes first
 
     def item(self, index: int, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
         "Window `index` of `epoch` as `(x, y)`, augmented when an `Augmentation` is set."
@@ -679,12 +699,15 @@ class RandomWindows(TokenWindows):
     def state_dict(self) -> dict:
         "Everything that determines this dataset's windows, as plain data."
         return {"kind": "random", "seed": self.rng.seed, "seq_len": self.seq_len, "windows_per_epoch": self.windows_per_epoch,
-                "fingerprint": self.fingerprint(), "augment": self.augment.state_dict() if self.augment else None}
+                "fingerprint": self.fingerprint(), "augment": self.augment.state_dict() if self.augment else None,
+                "anchor_id": self.anchor_id}
 
     def load_state_dict(self, state: dict):
         "Take the seed and augmentation state of a saved run; refuse one cut from other data."
         _check_same(self, state, "random")
         if (state["augment"] is None) != (self.augment is None): raise DatasetError("saved data state and this dataset disagree on whether augmentation is on")
+        if state.get("anchor_id") != self.anchor_id:
+            raise DatasetError(f"saved data state starts windows at anchor {state.get('anchor_id')}, this dataset at {self.anchor_id}")
         self.rng, self.windows_per_epoch = CounterRNG(state["seed"]), int(state["windows_per_epoch"])
         if self.augment is not None: self.augment.load_state_dict(state["augment"])
 
@@ -807,6 +830,7 @@ class LMDataConfig(Config):
     valid_stride: int | None = None         # step between validation windows (default: seq_len)
     num_workers: int = 0                    # DataLoader worker processes
     augment: AugmentConfig | None = dataclasses.field(default_factory=AugmentConfig)  # None: no augmentation
+    bar_aligned: bool = True                # training windows start at bos or a bar (False: at any token)
 
     def validate(self):
         if self.seq_len < 1 or self.bs < 1: raise ConfigError(f"seq_len and bs must be positive, got seq_len={self.seq_len}, bs={self.bs}")
@@ -828,7 +852,8 @@ def lm_dataloaders(source: "str | os.PathLike | MidiCorpus | TokenCache",  # cor
     cache = source if isinstance(source, TokenCache) else TokenCache.for_corpus(source, tokenizer, cache_folder, workers, progress)
     train_docs, valid_docs = split_by_piece(cache.names, config.valid_frac, config.seed, piece_of)
     augment = Augmentation(tokenizer, config.augment, config.seed) if config.augment is not None else None
-    train = RandomWindows(cache, tokenizer, config.seq_len, train_docs, config.seed, config.windows_per_epoch, augment)
+    anchor = int(tokenizer.bar_id) if config.bar_aligned else None
+    train = RandomWindows(cache, tokenizer, config.seq_len, train_docs, config.seed, config.windows_per_epoch, augment, anchor)
     valid = SlidingWindows(cache, tokenizer, config.seq_len, valid_docs, config.valid_stride)
     loaders = [WindowLoader(ds, bs=config.bs, rank=rank, world_size=world_size, num_workers=config.num_workers, device=device)
                for ds in (train, valid)]

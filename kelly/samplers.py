@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['SamplerError', 'SamplingConfig', 'top_k_top_p', 'filter_logits_reference', 'draw', 'apply_repetition_penalty',
-           'repetition_penalty_reference', 'TokenSampler', 'grammar_forbidden', 'midi_prompt', 'stream', 'Generation',
-           'generate']
+           'repetition_penalty_reference', 'TokenSampler', 'grammar_forbidden', 'PositionRule', 'midi_prompt', 'stream',
+           'Generation', 'generate']
 
 # %% ../nbs/10_samplers.ipynb #66b7ff01
 import dataclasses
@@ -34,6 +34,7 @@ class SamplingConfig(Config):
     top_p: float = 1.0                # nucleus: the fewest most likely tokens holding this much probability (1: no limit)
     repetition_penalty: float = 1.0   # CTRL penalty on tokens already in the sequence; > 1 discourages repeats (1: off)
     constrained: bool = True          # draw only tokens the tokenizer's grammar allows after the previous one
+    min_new_tokens: int = 0           # eos cannot be drawn before this many new tokens (0: whenever the model likes)
     stop_at_eos: bool = True          # a sequence ends at the tokenizer's eos token; later positions hold its pad token
     use_cache: bool = True            # KV-cached decoding; False recomputes the whole sequence at each step (slow reference)
     seed: int | None = None           # seed of the sampling generator (None: torch's global generator)
@@ -44,6 +45,7 @@ class SamplingConfig(Config):
         if self.max_new_tokens < 1: raise ConfigError(f"config key 'max_new_tokens': must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0: raise ConfigError(f"config key 'temperature': must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0: raise ConfigError(f"config key 'top_k': must be >= 0 (0 is off), got {self.top_k}")
+        if self.min_new_tokens < 0: raise ConfigError(f"config key 'min_new_tokens': must be >= 0, got {self.min_new_tokens}")
         if not 0.0 < self.top_p <= 1.0: raise ConfigError(f"config key 'top_p': must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0: raise ConfigError(f"config key 'repetition_penalty': must be > 0 (1 is off), got {self.repetition_penalty}")
 
@@ -109,14 +111,18 @@ class TokenSampler:
                  vocab_size: int,  # the model's vocabulary size
                  forbidden: torch.Tensor | None = None,  # bool [V, V]: row = previous token, True = not allowed next
                  generator: torch.Generator | None = None,  # seeded generator (None: global)
-                 device=None):
-        self.config, self.forbidden, self.generator = config, forbidden, generator
+                 device=None,
+                 positions: "PositionRule | None" = None,  # the grammar's value rule for positions (constrained decoding)
+                 eos_id: int | None = None):  # held back for `config.min_new_tokens` steps
+        self.config, self.forbidden, self.generator, self.positions = config, forbidden, generator, positions
         self.penalise = config.repetition_penalty != 1.0
         self.seen = torch.zeros(batch_size, vocab_size, dtype=torch.bool, device=device) if self.penalise else None
+        self.eos_id, self.step = eos_id, 0
 
-    def observe(self, ids: torch.Tensor):  # [B, T] tokens now part of the sequences
-        "Record tokens for the repetition penalty."
+    def observe(self, ids: torch.Tensor):  # [B, T] tokens now part of the sequences (the prompt)
+        "Record tokens for the repetition penalty and the position rule."
         if self.penalise: self.seen.scatter_(1, ids, True)
+        if self.positions is not None: self.positions.start(ids)
 
     def __call__(self, logits: torch.Tensor,  # [B, V] next-token scores
                  previous: torch.Tensor) -> torch.Tensor:  # [B] the last token of each sequence
@@ -124,6 +130,8 @@ class TokenSampler:
         c = self.config
         if self.penalise: logits = apply_repetition_penalty(logits, self.seen, c.repetition_penalty)
         if self.forbidden is not None: logits = logits.masked_fill(self.forbidden[previous], float("-inf"))
+        if self.positions is not None: logits = logits.masked_fill(self.positions.forbidden(), float("-inf"))
+        if self.eos_id is not None and self.step < c.min_new_tokens: logits = logits.index_fill(-1, torch.tensor([self.eos_id], device=logits.device), float("-inf"))
         if c.temperature == 0: tokens = logits.argmax(-1)
         else:
             if c.temperature != 1.0: logits = logits / c.temperature
@@ -132,6 +140,8 @@ class TokenSampler:
                 tokens = ids.gather(-1, draw(probs, self.generator)[:, None])[:, 0]
             else: tokens = draw(logits.softmax(-1), self.generator)
         if self.penalise: self.seen.scatter_(1, tokens[:, None], True)
+        if self.positions is not None: self.positions.update(tokens)
+        self.step += 1
         return tokens
 
 # %% ../nbs/10_samplers.ipynb #dc271540
@@ -158,6 +168,37 @@ def grammar_forbidden(tokenizer,  # kelly Tokenizer with `grammar.next_mask` (bo
         raise SamplerError(f"the tokenizer's grammar allows no token after {names}: constrained decoding would get stuck there")
     allowed[dead] = True     # after eos/pad (or unreachable tokens) anything goes; those positions are padded anyway
     return (~allowed).to(device)
+
+class PositionRule:
+    "The grammar's value rule, carried per sequence: a Position must be later than the bar's last one and inside the bar."
+    def __init__(self, grammar,  # a kelly `Grammar` (`position_tick`, `bar_ticks`, `default_bar_ticks`, `max_bar_ticks`)
+                 device=None):
+        self.grammar = grammar
+        self.tick = torch.as_tensor(grammar.position_tick, dtype=torch.long, device=device)        # [V], -1: not a Position
+        self.sets_bar = torch.as_tensor(grammar.bar_ticks, dtype=torch.long, device=device)        # [V], -1: not a TimeSig
+        self.is_bar = torch.as_tensor(grammar.type_of == grammar.type_names.index("Bar"), device=device)
+        self.is_position = self.tick >= 0
+
+    def start(self, ids: torch.Tensor):  # [B, T] the prompt
+        "Take each sequence's state at the end of its prompt (`Grammar.state_after`)."
+        rows = ids.cpu().numpy()
+        state = [self.grammar.state_after(r) for r in rows]
+        has_bar = self.is_bar.cpu()[ids.cpu()].any(1).tolist()
+        self.length = torch.tensor([n for n, _ in state], dtype=torch.long, device=ids.device)
+        self.last = torch.tensor([p for _, p in state], dtype=torch.long, device=ids.device)
+        self.metre = torch.where(torch.tensor(has_bar, device=ids.device), self.length, self.grammar.default_bar_ticks)
+
+    def forbidden(self) -> torch.Tensor:
+        "bool [B, V]: the Position ids each sequence may not draw next."
+        late = (self.tick[None] <= self.last[:, None]) | (self.tick[None] >= self.length[:, None])
+        return late & self.is_position[None]
+
+    def update(self, tokens: torch.Tensor):  # [B] the tokens just drawn
+        "Advance every sequence's state by one token."
+        bar, sets = self.is_bar[tokens], self.sets_bar[tokens]
+        self.metre = torch.where(sets >= 0, sets, self.metre)
+        self.length = torch.where(bar | (sets >= 0), self.metre, self.length)
+        self.last = torch.where(bar, -1, torch.where(self.is_position[tokens], self.tick[tokens], self.last))
 
 # %% ../nbs/10_samplers.ipynb #e4234d5d
 def _as_prompt(prompt, n: int, vocab_size: int, tokenizer, device) -> torch.Tensor:
@@ -223,7 +264,9 @@ def stream(model: MusicTransformer,  # the language model
     eos = pad = None
     if c.stop_at_eos and tokenizer is not None: eos, pad = _special_id(tokenizer, "eos_id"), _special_id(tokenizer, "pad_id")
     generator = torch.Generator(device=device).manual_seed(c.seed) if c.seed is not None else None
-    sampler = TokenSampler(c, B, model.config.vocab_size, forbidden, generator, device)
+    positions = PositionRule(tokenizer.grammar, device) if forbidden is not None and hasattr(tokenizer.grammar, "position_tick") else None
+    eos_id = _special_id(tokenizer, "eos_id") if (c.min_new_tokens and tokenizer is not None) else None
+    sampler = TokenSampler(c, B, model.config.vocab_size, forbidden, generator, device, positions, eos_id)
     return _decode(model, ids, c, sampler, eos, pad)     # everything above is checked now; decoding starts on iteration
 
 def _decode(model, ids, c, sampler, eos, pad) -> Iterator[torch.Tensor]:

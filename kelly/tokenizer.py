@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['FORMAT_NAME', 'FORMAT_VERSION', 'DEFAULT_TIME_SIGNATURES', 'TOKEN_TYPE_NAMES', 'SPECIAL_TYPES',
-           'MICROSECONDS_PER_MINUTE', 'MIDI_SUFFIXES', 'TokenizerError', 'parse_time_signature', 'TokenizerConfig',
-           'TokenType', 'Tokenizer', 'Grammar', 'EncodeReport', 'DecodeReport', 'RoundTrip', 'count_matching_notes',
-           'default_workers', 'tokenize_files', 'midi_files', 'RoundtripReport', 'check_roundtrip']
+           'MICROSECONDS_PER_MINUTE', 'MAX_UNFINISHED', 'MIDI_SUFFIXES', 'TokenizerError', 'parse_time_signature',
+           'TokenizerConfig', 'TokenType', 'Tokenizer', 'Grammar', 'EncodeReport', 'DecodeReport', 'RoundTrip',
+           'count_matching_notes', 'default_workers', 'tokenize_files', 'midi_files', 'RoundtripReport',
+           'check_roundtrip']
 
 # %% ../nbs/02_tokenizer.ipynb #0c48ac58
 import dataclasses
@@ -285,6 +286,10 @@ class Grammar:
     type_names: tuple  # name of each token type (`TOKEN_TYPE_NAMES`)
     type_of: np.ndarray  # int8 [vocab]: the type of every id
     allowed: np.ndarray  # bool [n_types, n_types]: allowed[previous type, next type]
+    position_tick: np.ndarray  # int64 [vocab]: a Position id's tick inside the bar, -1 for other ids
+    bar_ticks: np.ndarray  # int64 [vocab]: the bar length a TimeSig id sets, in ticks; -1 for other ids
+    default_bar_ticks: int  # the bar length before any TimeSig (4/4)
+    max_bar_ticks: int  # the longest bar of the vocabulary (the limit before the first Bar)
     _next_mask: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
@@ -298,7 +303,12 @@ class Grammar:
                  T.DURATION: [*note, T.POSITION, T.BAR, T.EOS], T.EOS: [T.PAD], T.PAD: [T.PAD]}
         allowed = np.zeros((len(T), len(T)), bool)
         for prev, nexts in rules.items(): allowed[prev, nexts] = True
-        return cls(TOKEN_TYPE_NAMES, tok.type_of, allowed)
+        position_tick = np.where(tok.type_of == T.POSITION, tok.value_of, -1)
+        bar_ticks = np.full(tok.vocab_size, -1, np.int64)
+        ts = tok.type_of == T.TIME_SIG
+        bar_ticks[ts] = tok._ts_ticks[tok.value_of[ts]]
+        return cls(TOKEN_TYPE_NAMES, tok.type_of, allowed, position_tick, bar_ticks,
+                   int(tok._ts_ticks[tok._default_ts]), tok.max_bar_ticks)
 
     @property
     def next_mask(self) -> np.ndarray:
@@ -306,12 +316,48 @@ class Grammar:
         if self._next_mask is None: self._next_mask = self.allowed[self.type_of][:, self.type_of]
         return self._next_mask
 
+    def _bar_state(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        "For in-vocabulary ids: bar number (0 before the first Bar), bar length and position tick at every index."
+        t = self.type_of[a]
+        is_bar = t == _BAR
+        bar_no = np.cumsum(is_bar)
+        prev_bar = np.concatenate([[False], is_bar[:-1]])
+        sets = (t == _TIME_SIG) & prev_bar
+        idx = np.arange(len(a))
+        last_set = np.maximum.accumulate(np.where(sets, idx, -1))
+        length = np.where(last_set >= 0, self.bar_ticks[a[np.maximum(last_set, 0)]], self.default_bar_ticks)
+        length = np.where(bar_no == 0, self.max_bar_ticks, length)
+        return bar_no, length, self.position_tick[a]
+
+    def positions_ok(self, ids) -> np.ndarray:  # any ids
+        "bool [len(ids)]: False for a Position that is not later than its bar's previous one or not inside the bar (other ids: True)."
+        a = _as_id_array(ids)
+        a = np.where((a >= 0) & (a < len(self.type_of)), a, self.type_of.argmin())   # out-of-vocabulary ids are judged elsewhere
+        if len(a) == 0: return np.ones(0, bool)
+        bar_no, length, tick = self._bar_state(a)
+        is_pos, is_bar = tick >= 0, self.type_of[a] == _BAR
+        span = self.max_bar_ticks + 2
+        lowest = np.iinfo(np.int64).min
+        seq = np.where(is_pos, bar_no * span + tick, np.where(is_bar, bar_no * span - 1, lowest))
+        prev_max = np.concatenate([[lowest], np.maximum.accumulate(seq)[:-1]])
+        return ~is_pos | ((seq > prev_max) & (tick < length))
+
+    def state_after(self, ids) -> tuple[int, int]:  # any ids (those outside the vocabulary are ignored)
+        "`(bar length, last position tick or -1)` at the end of `ids`: what a sampler needs to continue them."
+        a = _as_id_array(ids)
+        a = a[(a >= 0) & (a < len(self.type_of))]
+        if len(a) == 0: return self.max_bar_ticks, -1
+        bar_no, length, tick = self._bar_state(a)
+        in_bar = bar_no == bar_no[-1]
+        last = tick[in_bar & (tick >= 0)]
+        return int(length[-1]), int(last.max()) if len(last) else -1
+
     def transitions_ok(self, ids) -> np.ndarray:  # any ids
-        "bool [len(ids) - 1]: whether each consecutive pair is allowed (ids outside the vocabulary never are)."
+        "bool [len(ids) - 1]: whether each consecutive pair is allowed, the second id's value included (ids outside the vocabulary never are)."
         a = _as_id_array(ids)
         ok = (a >= 0) & (a < len(self.type_of))
         t = self.type_of[np.where(ok, a, 0)]
-        return self.allowed[t[:-1], t[1:]] & ok[:-1] & ok[1:]
+        return self.allowed[t[:-1], t[1:]] & ok[:-1] & ok[1:] & self.positions_ok(a)[1:]
 
     def validity(self, ids) -> float:  # any ids
         "Fraction of consecutive pairs the grammar allows (1.0 for fewer than two ids that are all in the vocabulary)."
@@ -553,15 +599,26 @@ class DecodeReport:
     mask: int = 0  # MASK tokens
     after_eos: int = 0  # ids after the first EOS, other than PAD
     misplaced: int = 0  # tokens the grammar could not place (orphans, bad positions, ...)
+    unfinished: int = 0  # a sequence without EOS that stops inside an event: the event's first tokens
 
     @property
     def n_skipped(self) -> int:
         "Every id that did not contribute (PAD and BOS are not counted)."
-        return self.out_of_range + self.mask + self.after_eos + self.misplaced
+        return self.out_of_range + self.mask + self.after_eos + self.misplaced + self.unfinished
 
     def __str__(self) -> str:
         return (f"decode {self.n_ids} ids: {self.n_notes} notes, skipped {self.n_skipped} (out of range {self.out_of_range}, "
-                f"mask {self.mask}, after EOS {self.after_eos}, misplaced {self.misplaced})")
+                f"mask {self.mask}, after EOS {self.after_eos}, misplaced {self.misplaced}, unfinished {self.unfinished})")
+
+MAX_UNFINISHED = 4  # the most tokens an event can have before its end: Position Program Pitch Velocity
+
+def _unfinished_tail(allowed: np.ndarray, types: np.ndarray, used: np.ndarray, ended: bool) -> int:
+    "How many unused ids at the end of a sequence (not ended by EOS) are the start of an event cut off by its end."
+    if ended or len(types) == 0: return 0
+    k = len(types) - (int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0)
+    if not 0 < k <= MAX_UNFINISHED or k == len(types): return 0
+    tail = types[len(types) - k - 1:]
+    return k if all(allowed[x, y] for x, y in zip(tail[:-1], tail[1:])) else 0
 
 def _shift(a: np.ndarray, k: int, fill: int) -> np.ndarray:
     "`a[i + k]` for every i, `fill` past the end."
@@ -578,6 +635,7 @@ def decode_with_report(self: Tokenizer, ids) -> tuple[Music, DecodeReport]:  # a
     a = a[in_range]
     t = self.type_of[a]
     eos = np.flatnonzero(t == _EOS)
+    ended = len(eos) > 0
     if len(eos):
         r.after_eos = int((t[eos[0] + 1:] != _PAD).sum())
         a, t = a[:eos[0]], t[:eos[0]]
@@ -631,7 +689,8 @@ def decode_with_report(self: Tokenizer, ids) -> tuple[Music, DecodeReport]:  # a
     events = np.concatenate([pi, di, np.flatnonzero(tempo_ok)])
     pos_used = np.zeros(n, bool); pos_used[last_pos[events]] = True
     used |= pos_used & pos_ok
-    r.misplaced = int(n - used.sum())
+    r.unfinished = _unfinished_tail(self.grammar.allowed, t, used, ended)
+    r.misplaced = int(n - used.sum()) - r.unfinished
     # assemble
     start = np.concatenate([tick[pi], tick[di]])
     pitch = np.concatenate([v[pi + k], v[di]])
@@ -657,7 +716,7 @@ def decode(self: Tokenizer, ids) -> Music:  # any id sequence
 
 # %% ../nbs/02_tokenizer.ipynb #de7c7c3e
 def _decode_reference(tok: Tokenizer, ids) -> tuple[list, list, list, int]:
-    "Token-by-token reference for `decode`: (sorted notes as (start, duration, pitch, velocity, program), tempos, metre per bar, misplaced count)."
+    "Token-by-token reference for `decode`: (sorted notes as (start, duration, pitch, velocity, program), tempos, metre per bar, misplaced + unfinished count)."
     T = TokenType
     seq = []
     for i in _as_id_array(ids).tolist():
