@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['logger', 'BACH_SOURCE_DIR', 'BACH_SOURCE_SUFFIXES', 'BACH_FOLDER', 'BACH_MANIFEST', 'BACH_FORMAT_VERSION',
            'TOKEN_CACHE_FORMAT_VERSION', 'TOKEN_CACHE_DIR', 'TOKEN_CACHE_MANIFEST', 'TOKEN_CACHE_REPORT',
-           'STREAM_WINDOW', 'STREAM_TRANSPOSE', 'STREAM_VELOCITY', 'STREAM_TEMPO', 'MAX_TRANSPOSE', 'ANCHOR_SCAN_CHUNK',
-           'DatasetError', 'bach_sources', 'bach_chorales', 'CorpusFile', 'MidiCorpus', 'split_by_piece', 'token_dtype',
-           'corpus_file_index', 'corpus_key', 'default_cache_folder', 'TokenCache', 'CounterRNG', 'TokenWindows',
-           'AugmentConfig', 'Augmentation', 'RandomWindows', 'SlidingWindows', 'WindowLoader', 'LMDataConfig',
-           'lm_dataloaders']
+           'STREAM_WINDOW', 'STREAM_TRANSPOSE', 'STREAM_VELOCITY', 'STREAM_TEMPO', 'STREAM_OPENING',
+           'STREAM_OPENING_DOC', 'MAX_TRANSPOSE', 'ANCHOR_SCAN_CHUNK', 'DatasetError', 'bach_sources', 'bach_chorales',
+           'CorpusFile', 'MidiCorpus', 'split_by_piece', 'token_dtype', 'corpus_file_index', 'corpus_key',
+           'default_cache_folder', 'TokenCache', 'CounterRNG', 'TokenWindows', 'AugmentConfig', 'Augmentation',
+           'RandomWindows', 'SlidingWindows', 'WindowLoader', 'LMDataConfig', 'lm_dataloaders']
 
 # %% ../nbs/04_datasets.ipynb #11d6f4dc
 import dataclasses
@@ -493,7 +493,7 @@ _GOLDEN = 0x9E3779B97F4A7C15              # splitmix64's increment (2**64 / gold
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _UNIT_53 = 2.0 ** -53                      # turns the top 53 bits into a float in [0, 1)
 _MAX_CACHED_KEYS = 1024                    # (stream, epoch) keys a CounterRNG remembers
-STREAM_WINDOW, STREAM_TRANSPOSE, STREAM_VELOCITY, STREAM_TEMPO = range(4)  # independent draws per window
+STREAM_WINDOW, STREAM_TRANSPOSE, STREAM_VELOCITY, STREAM_TEMPO, STREAM_OPENING, STREAM_OPENING_DOC = range(6)  # independent draws per window
 
 def _mix64(x: int) -> int:
     "splitmix64's finaliser on a Python int: a bijection on 64-bit words whose output bits depend on every input bit."
@@ -668,9 +668,11 @@ class RandomWindows(TokenWindows):
                  seed: int = 0,  # seeds which windows are drawn
                  windows_per_epoch: int | None = None,  # default: enough windows to cover the selected tokens once
                  augment: Augmentation | None = None,  # varies each window on the fly
-                 anchor_id: int | None = None):  # start windows only at bos or at this token (e.g. `tokenizer.bar_id`)
+                 anchor_id: int | None = None,  # start windows only at bos or at this token (e.g. `tokenizer.bar_id`)
+                 opening_share: float = 0.0):  # this share of windows starts at a piece's bos
         super().__init__(cache, tokenizer, seq_len, docs)
-        self.rng, self.augment, self.anchor_id = CounterRNG(seed), augment, anchor_id
+        if not 0 <= opening_share <= 1: raise DatasetError(f"opening_share must be in [0, 1], got {opening_share}")
+        self.rng, self.augment, self.anchor_id, self.opening_share = CounterRNG(seed), augment, anchor_id, float(opening_share)
         if anchor_id is None: self.cum_starts = np.cumsum(np.maximum(self.framed_lengths - self.seq_len, 1))
         else: self.anchors, self.cum_starts = _anchor_starts(cache, self.docs, int(anchor_id))
         n_targets = int((self.framed_lengths - 1).sum())
@@ -681,6 +683,8 @@ class RandomWindows(TokenWindows):
 
     def locate(self, index: int, epoch: int = 0) -> tuple[int, int]:
         "`(doc, start)` of window `index` in `epoch`: `doc` indexes `self.docs`, `start` the framed document."
+        if self.opening_share and self.rng.uniform(STREAM_OPENING, epoch, int(index)) < self.opening_share:
+            return self.rng.integers(STREAM_OPENING_DOC, epoch, int(index), len(self.docs)), 0
         u = self.rng.integers(STREAM_WINDOW, epoch, int(index), int(self.cum_starts[-1]))
         doc = int(np.searchsorted(self.cum_starts, u, side="right"))
         k = u - (int(self.cum_starts[doc - 1]) if doc else 0)
@@ -700,7 +704,7 @@ class RandomWindows(TokenWindows):
         "Everything that determines this dataset's windows, as plain data."
         return {"kind": "random", "seed": self.rng.seed, "seq_len": self.seq_len, "windows_per_epoch": self.windows_per_epoch,
                 "fingerprint": self.fingerprint(), "augment": self.augment.state_dict() if self.augment else None,
-                "anchor_id": self.anchor_id}
+                "anchor_id": self.anchor_id, "opening_share": self.opening_share}
 
     def load_state_dict(self, state: dict):
         "Take the seed and augmentation state of a saved run; refuse one cut from other data."
@@ -708,6 +712,8 @@ class RandomWindows(TokenWindows):
         if (state["augment"] is None) != (self.augment is None): raise DatasetError("saved data state and this dataset disagree on whether augmentation is on")
         if state.get("anchor_id") != self.anchor_id:
             raise DatasetError(f"saved data state starts windows at anchor {state.get('anchor_id')}, this dataset at {self.anchor_id}")
+        if state.get("opening_share", 0.0) != self.opening_share:
+            raise DatasetError(f"saved data state has opening_share {state.get('opening_share', 0.0)}, this dataset {self.opening_share}")
         self.rng, self.windows_per_epoch = CounterRNG(state["seed"]), int(state["windows_per_epoch"])
         if self.augment is not None: self.augment.load_state_dict(state["augment"])
 
@@ -830,12 +836,14 @@ class LMDataConfig(Config):
     valid_stride: int | None = None         # step between validation windows (default: seq_len)
     num_workers: int = 0                    # DataLoader worker processes
     augment: AugmentConfig | None = dataclasses.field(default_factory=AugmentConfig)  # None: no augmentation
-    bar_aligned: bool = True                # training windows start at bos or a bar (False: at any token)
+    opening_share: float = 0.1              # share of training windows that start at a piece's beginning (bos)
+    bar_aligned: bool = False               # training windows start only at bos or a bar (False: at any token)
 
     def validate(self):
         if self.seq_len < 1 or self.bs < 1: raise ConfigError(f"seq_len and bs must be positive, got seq_len={self.seq_len}, bs={self.bs}")
         if not 0 < self.valid_frac < 1: raise ConfigError(f"valid_frac must be in (0, 1), got {self.valid_frac}")
         if self.num_workers < 0: raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.opening_share <= 1: raise ConfigError(f"opening_share must be in [0, 1], got {self.opening_share}")
 
 def lm_dataloaders(source: "str | os.PathLike | MidiCorpus | TokenCache",  # corpus folder, corpus or token cache
                    tokenizer,  # a `kelly.tokenizer.Tokenizer`: ids, special tokens and augmentation helpers
@@ -853,7 +861,8 @@ def lm_dataloaders(source: "str | os.PathLike | MidiCorpus | TokenCache",  # cor
     train_docs, valid_docs = split_by_piece(cache.names, config.valid_frac, config.seed, piece_of)
     augment = Augmentation(tokenizer, config.augment, config.seed) if config.augment is not None else None
     anchor = int(tokenizer.bar_id) if config.bar_aligned else None
-    train = RandomWindows(cache, tokenizer, config.seq_len, train_docs, config.seed, config.windows_per_epoch, augment, anchor)
+    train = RandomWindows(cache, tokenizer, config.seq_len, train_docs, config.seed, config.windows_per_epoch, augment, anchor,
+                          config.opening_share)
     valid = SlidingWindows(cache, tokenizer, config.seq_len, valid_docs, config.valid_stride)
     loaders = [WindowLoader(ds, bs=config.bs, rank=rank, world_size=world_size, num_workers=config.num_workers, device=device)
                for ds in (train, valid)]
