@@ -117,7 +117,8 @@ class TokenSampler:
         self.config, self.forbidden, self.generator, self.positions = config, forbidden, generator, positions
         self.penalise = config.repetition_penalty != 1.0
         self.seen = torch.zeros(batch_size, vocab_size, dtype=torch.bool, device=device) if self.penalise else None
-        self.eos_id, self.step = eos_id, 0
+        self.eos = torch.tensor([eos_id], device=device) if eos_id is not None else None
+        self.step = 0
 
     def observe(self, ids: torch.Tensor):  # [B, T] tokens now part of the sequences (the prompt)
         "Record tokens for the repetition penalty and the position rule."
@@ -131,7 +132,7 @@ class TokenSampler:
         if self.penalise: logits = apply_repetition_penalty(logits, self.seen, c.repetition_penalty)
         if self.forbidden is not None: logits = logits.masked_fill(self.forbidden[previous], float("-inf"))
         if self.positions is not None: logits = logits.masked_fill(self.positions.forbidden(), float("-inf"))
-        if self.eos_id is not None and self.step < c.min_new_tokens: logits = logits.index_fill(-1, torch.tensor([self.eos_id], device=logits.device), float("-inf"))
+        if self.eos is not None and self.step < c.min_new_tokens: logits = logits.index_fill(-1, self.eos, float("-inf"))
         if c.temperature == 0: tokens = logits.argmax(-1)
         else:
             if c.temperature != 1.0: logits = logits / c.temperature
