@@ -112,7 +112,7 @@ class TokenSampler:
                  forbidden: torch.Tensor | None = None,  # bool [V, V]: row = previous token, True = not allowed next
                  generator: torch.Generator | None = None,  # seeded generator (None: global)
                  device=None,
-                 positions: "PositionRule | None" = None,  # the grammar's value rule for positions (constrained decoding)
+                 positions=None,  # a `PositionRule`: the grammar's value rule for positions (constrained decoding)
                  eos_id: int | None = None):  # held back for `config.min_new_tokens` steps
         self.config, self.forbidden, self.generator, self.positions = config, forbidden, generator, positions
         self.penalise = config.repetition_penalty != 1.0
