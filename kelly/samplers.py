@@ -131,7 +131,7 @@ class TokenSampler:
         c = self.config
         if self.penalise: logits = apply_repetition_penalty(logits, self.seen, c.repetition_penalty)
         if self.forbidden is not None: logits = logits.masked_fill(self.forbidden[previous], float("-inf"))
-        if self.positions is not None: logits = logits.masked_fill(self.positions.forbidden(), float("-inf"))
+        if self.positions is not None: logits = logits.masked_fill(self.positions.forbidden(logits.device), float("-inf"))
         if self.eos is not None and self.step < c.min_new_tokens: logits = logits.index_fill(-1, self.eos, float("-inf"))
         if c.temperature == 0: tokens = logits.argmax(-1)
         else:
@@ -172,34 +172,39 @@ def grammar_forbidden(tokenizer,  # kelly Tokenizer with `grammar.next_mask` (bo
 
 class PositionRule:
     "The grammar's value rule, carried per sequence: a Position must be later than the bar's last one and inside the bar."
-    def __init__(self, grammar,  # a kelly `Grammar` (`position_tick`, `bar_ticks`, `default_bar_ticks`, `max_bar_ticks`)
-                 device=None):
-        self.grammar = grammar
-        self.tick = torch.as_tensor(grammar.position_tick, dtype=torch.long, device=device)        # [V], -1: not a Position
-        self.sets_bar = torch.as_tensor(grammar.bar_ticks, dtype=torch.long, device=device)        # [V], -1: not a TimeSig
-        self.is_bar = torch.as_tensor(grammar.type_of == grammar.type_names.index("Bar"), device=device)
-        self.is_position = self.tick >= 0
+    def __init__(self, grammar):  # a kelly `Grammar` (`position_tick`, `bar_ticks`, `default_bar_ticks`, `max_bar_ticks`)
+        g = self.grammar = grammar
+        tick, sets = np.asarray(g.position_tick), np.asarray(g.bar_ticks)
+        is_bar = np.asarray(g.type_of) == g.type_names.index("Bar")
+        self.position_ids = np.flatnonzero(tick >= 0)          # the Position tokens and their ticks
+        self.position_ticks = tick[self.position_ids]
+        self.sets_metre = sets                                  # [V]: the bar length a TimeSig sets, -1 otherwise
+        self.changes_length = is_bar | (sets >= 0)              # a Bar or a TimeSig (re)starts the bar's length
+        self.keeps_last = ~(is_bar | (tick >= 0))               # only a Bar (-1) or a Position (its tick) moves `last`
+        self.new_last = np.where(is_bar, -1, tick)
+        self.is_bar, self.vocab_size = is_bar, len(tick)
 
     def start(self, ids: torch.Tensor):  # [B, T] the prompt
         "Take each sequence's state at the end of its prompt (`Grammar.state_after`)."
         rows = ids.cpu().numpy()
-        state = [self.grammar.state_after(r) for r in rows]
-        has_bar = self.is_bar.cpu()[ids.cpu()].any(1).tolist()
-        self.length = torch.tensor([n for n, _ in state], dtype=torch.long, device=ids.device)
-        self.last = torch.tensor([p for _, p in state], dtype=torch.long, device=ids.device)
-        self.metre = torch.where(torch.tensor(has_bar, device=ids.device), self.length, self.grammar.default_bar_ticks)
+        state = np.array([self.grammar.state_after(r) for r in rows], np.int64).reshape(-1, 2)
+        self.length, self.last = state[:, 0].copy(), state[:, 1].copy()
+        self.metre = np.where(self.is_bar[rows].any(1), self.length, self.grammar.default_bar_ticks)
 
-    def forbidden(self) -> torch.Tensor:
-        "bool [B, V]: the Position ids each sequence may not draw next."
-        late = (self.tick[None] <= self.last[:, None]) | (self.tick[None] >= self.length[:, None])
-        return late & self.is_position[None]
+    def forbidden(self, device=None) -> torch.Tensor:
+        "bool [B, V] on `device`: the Position ids each sequence may not draw next."
+        late = (self.position_ticks[None] <= self.last[:, None]) | (self.position_ticks[None] >= self.length[:, None])
+        out = np.zeros((len(self.last), self.vocab_size), bool)
+        out[:, self.position_ids] = late
+        return torch.from_numpy(out).to(device)
 
     def update(self, tokens: torch.Tensor):  # [B] the tokens just drawn
         "Advance every sequence's state by one token."
-        bar, sets = self.is_bar[tokens], self.sets_bar[tokens]
-        self.metre = torch.where(sets >= 0, sets, self.metre)
-        self.length = torch.where(bar | (sets >= 0), self.metre, self.length)
-        self.last = torch.where(bar, -1, torch.where(self.is_position[tokens], self.tick[tokens], self.last))
+        t = tokens.cpu().numpy()
+        sets = self.sets_metre[t]
+        self.metre = np.where(sets >= 0, sets, self.metre)
+        self.length = np.where(self.changes_length[t], self.metre, self.length)
+        self.last = np.where(self.keeps_last[t], self.last, self.new_last[t])
 
 # %% ../nbs/10_samplers.ipynb #e4234d5d
 def _as_prompt(prompt, n: int, vocab_size: int, tokenizer, device) -> torch.Tensor:
@@ -265,7 +270,7 @@ def stream(model: MusicTransformer,  # the language model
     eos = pad = None
     if c.stop_at_eos and tokenizer is not None: eos, pad = _special_id(tokenizer, "eos_id"), _special_id(tokenizer, "pad_id")
     generator = torch.Generator(device=device).manual_seed(c.seed) if c.seed is not None else None
-    positions = PositionRule(tokenizer.grammar, device) if forbidden is not None and hasattr(tokenizer.grammar, "position_tick") else None
+    positions = PositionRule(tokenizer.grammar) if forbidden is not None and hasattr(tokenizer.grammar, "position_tick") else None
     eos_id = _special_id(tokenizer, "eos_id") if (c.min_new_tokens and tokenizer is not None) else None
     sampler = TokenSampler(c, B, model.config.vocab_size, forbidden, generator, device, positions, eos_id)
     return _decode(model, ids, c, sampler, eos, pad)     # everything above is checked now; decoding starts on iteration
