@@ -661,13 +661,9 @@ def decode_with_report(self: Tokenizer, ids) -> tuple[Music, DecodeReport]:  # a
     bar_ts = bar_ts[np.maximum.accumulate(np.where(bar_ts >= 0, np.arange(n_bars), 0))]
     bar_len = self._ts_ticks[bar_ts]
     bar_start = np.cumsum(bar_len) - bar_len
-    # positions: inside the bar, rising within it
+    # positions: the grammar's value rule (inside the bar, rising within it), and only after the first Bar
     is_pos = t == _POSITION
-    span = self.max_bar_ticks + 2
-    lowest = np.iinfo(np.int64).min
-    seq = np.where(is_pos, bar_no * span + v, np.where(is_bar, bar_no * span - 1, lowest))
-    prev_max = np.concatenate([[lowest], np.maximum.accumulate(seq)[:-1]])
-    pos_ok = is_pos & (bar_no >= 0) & (seq > prev_max) & (v < bar_len[bn])
+    pos_ok = is_pos & (bar_no >= 0) & self.grammar.positions_ok(a)
     last_pos = np.maximum.accumulate(np.where(is_pos, idx, -1))
     last_bar = np.maximum.accumulate(np.where(is_bar, idx, -1))
     lp = np.maximum(last_pos, 0)
