@@ -72,14 +72,14 @@ def measure(folder: Path, cache_dir: Path, n_windows: int, seq_len: int, bs: int
     cache = TokenCache.for_corpus(folder, tok, folder=cache_dir, progress=False)   # stat every file, verify checksums
     res["open_s"] = time.perf_counter() - t
     res.update(tokens=cache.n_tokens, cache_mb=cache.n_tokens * cache.dtype.itemsize / MB)
-    ds = RandomWindows(cache, tok, seq_len, seed=0, augment=Augmentation(tok, AugmentConfig(), seed=0))
+    ds = RandomWindows(cache, tok, seq_len=seq_len, seed=0, augment=Augmentation(tok, AugmentConfig(), seed=0))
     n = min(n_windows, len(ds))
     res["mem_before"] = memory()
     t = time.perf_counter()
     for i in range(n): ds.item(i)
     res["items_per_s"] = n / (time.perf_counter() - t)
     res["mem_after_items"] = memory()
-    plain = RandomWindows(cache, tok, seq_len, seed=0)
+    plain = RandomWindows(cache, tok, seq_len=seq_len, seed=0)
     t = time.perf_counter()
     for i in range(n): plain.item(i)
     res["plain_items_per_s"] = n / (time.perf_counter() - t)

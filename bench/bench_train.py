@@ -100,7 +100,7 @@ def fastai_loop(model: MusicTransformer, batches, warmup: int) -> list[tuple[flo
     dls = DataLoaders(DataLoader(rows, bs=BATCH, drop_last=True), DataLoader(rows[:BATCH], bs=BATCH), device="cpu")
     vocab = SimpleNamespace(vocab_size=SIZE["vocab_size"], pad_id=0)   # random ids: id 0 (~0.2% of targets) is ignored as pad
     optim = OptimConfig(epochs=1, lr=LR, weight_decay=WEIGHT_DECAY, beta2=BETAS[1], moms=(BETAS[0],) * 3)
-    learn = lm_learner(dls, vocab, model, optim, cbs=[StepTimes()], progress=False)
+    learn = lm_learner(dls, vocab, model=model, optim=optim, cbs=[StepTimes()], progress=False)
     fit_lm(learn)
     return learn.step_times[warmup:]
 

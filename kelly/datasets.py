@@ -30,7 +30,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastprogress.fastprogress import progress_bar
 
-from .core import Config, ConfigError, KellyError, atomic_write, get_logger, kelly_path, sha256_file
+from .core import Config, ConfigError, KellyError, atomic_write, get_logger, kelly_path, sha256_file, write_json
 from .tokenizer import MIDI_SUFFIXES, default_workers, tokenize_files
 
 # %% ../nbs/04_datasets.ipynb #12a88afc
@@ -63,8 +63,6 @@ def _read_json(path: Path) -> dict | None:
         logger.warning("ignoring unreadable manifest %s: %s", path, e)
         return None
 
-def _write_json(path: Path, data: dict):
-    with atomic_write(path) as f: json.dump(data, f, indent=1)
 
 def _progress(items: Iterable, total: int, show: bool) -> Iterable:
     "`items` behind a fastprogress bar when `show` (the only terminal output of this module)."
@@ -117,7 +115,8 @@ def _bach_is_complete(folder: Path, manifest: dict | None, limit: int | None) ->
 def bach_chorales(limit: int | None = None,  # build only the first `limit` pieces (a small, fast corpus)
                   folder: str | os.PathLike | None = None,  # where to build (default: `kelly_path("corpora", ...)`)
                   workers: int | None = None,  # processes converting scores (default: every core)
-                  progress: bool = True) -> Path:  # show a fastprogress bar
+                  progress: bool = True,  # show a fastprogress bar
+                  ) -> Path:
     "Build (once) and return a folder of Bach chorales as MIDI files, converted from music21's bundled corpus."
     if limit is not None and limit < 1: raise DatasetError(f"bach_chorales: limit must be a positive number of pieces, got {limit}")
     name = BACH_FOLDER if limit is None else f"{BACH_FOLDER}-first{limit}"
@@ -152,11 +151,11 @@ def _build_bach(folder: Path, manifest: dict | None, limit: int | None, workers:
             with atomic_write(target, "wb") as f: f.write(data)
             entry.update(status="ok", size=len(data), sha256=hashlib.sha256(data).hexdigest())
         pieces[target.name] = entry
-        _write_json(manifest_path, manifest)
+        write_json(manifest_path, manifest)
     n_ok = sum(pieces.get(s.stem + ".mid", {}).get("status") == "ok" for s in sources)
     if n_ok == 0: raise DatasetError(f"no Bach chorale could be converted to MIDI in {folder}; reasons are in {manifest_path}")
     manifest["complete"] = True
-    _write_json(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     return folder
 
 def _bach_piece_ok(p: Path, entry: dict | None, version: str) -> bool:
@@ -267,13 +266,15 @@ TOKEN_CACHE_REPORT = "report.json"
 _HASH_CHARS = 16                     # hex digits of a content hash used in file and folder names
 _UINT16_VOCAB = 1 << 16
 
-def token_dtype(vocab_size: int) -> np.dtype:  # the tokenizer's vocabulary size
+def token_dtype(vocab_size: int,  # the tokenizer's vocabulary size
+                ) -> np.dtype:
     "The smallest unsigned dtype that holds every id of a vocabulary."
     return np.dtype(np.uint16) if vocab_size <= _UINT16_VOCAB else np.dtype(np.uint32)
 
 def corpus_file_index(corpus: MidiCorpus,  # the corpus to fingerprint
                       known: dict | None = None,  # a previous index: `{name: [size, mtime_ns, sha256]}`
-                      rehash: bool = False) -> dict:  # ignore `known` and read every file
+                      rehash: bool = False,  # ignore `known` and read every file
+                      ) -> dict:
     "`{name: [size, mtime_ns, sha256]}` for every corpus file; hashes in `known` are reused while size and mtime match."
     known = known or {}
     index = {}
@@ -283,7 +284,8 @@ def corpus_file_index(corpus: MidiCorpus,  # the corpus to fingerprint
         index[f.name] = [f.size, f.mtime_ns, old[2] if same else sha256_file(corpus.root/f.name)]
     return index
 
-def corpus_key(index: dict) -> str:  # as returned by `corpus_file_index`
+def corpus_key(index: dict,  # as returned by `corpus_file_index`
+               ) -> str:
     "A hash of the corpus content: every file's name and SHA-256, in name order."
     h = hashlib.sha256()
     for name in sorted(index): h.update(f"{name}\t{index[name][2]}\n".encode())
@@ -332,7 +334,7 @@ class TokenCache:
                     try: cache = cls(folder, verify=verify)
                     except DatasetError as e: logger.warning("%s; rebuilding it", e)
                     else:
-                        if index != old["files"]: _write_json(folder/TOKEN_CACHE_MANIFEST, {**old, "files": index})  # touched, same bytes: remember the new mtimes
+                        if index != old["files"]: write_json(folder/TOKEN_CACHE_MANIFEST, {**old, "files": index})  # touched, same bytes: remember the new mtimes
                         return cache
                 else: logger.info("rebuilding token cache %s: %s", folder, why)
             elif (folder/TOKEN_CACHE_MANIFEST).exists(): logger.warning("%s; rebuilding it", unreadable)
@@ -364,11 +366,15 @@ class TokenCache:
         "`(file name, reason)` of every corpus file that could not be tokenized."
         return [tuple(s) for s in self.manifest["skipped"]]
 
-    def doc(self, i: int) -> np.ndarray:  # document index
+    def doc(self,
+            i: int,  # document index
+            ) -> np.ndarray:
         "The ids of document `i` (a read-only view into the memory map)."
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
-    def read(self, start: int, stop: int) -> np.ndarray:  # a range of the flat array
+    def read(self, start: int,  # first position of the flat array
+             stop: int,  # one past the last
+             ) -> np.ndarray:
         "A copy of ids `start:stop`, read with one positional read: unlike the memory map, nothing stays resident in this process."
         if not hasattr(os, "pread"): return np.array(self.tokens[start:stop])
         if self._fd is None: self._fd = os.open(self.folder/self.manifest["tokens"]["file"], os.O_RDONLY)
@@ -459,7 +465,7 @@ def _build_cache(folder: Path, corpus: MidiCorpus, tokenizer, index: dict, worke
                 "corpus": str(corpus.root), "dtype": dtype.name, "n_tokens": n_tokens,
                 "tokens": {"file": tokens_file, "size": n_tokens * dtype.itemsize, "sha256": digest.hexdigest()},
                 "offsets": offsets_entry, "docs": docs, "skipped": skipped, "files": index}
-    _write_json(folder/TOKEN_CACHE_MANIFEST, manifest)
+    write_json(folder/TOKEN_CACHE_MANIFEST, manifest)
     for p in folder.glob("*-*.*"):   # data files of earlier builds; open maps of them stay valid on POSIX
         if p.name.startswith(("tokens-", "offsets-")) and p.name not in (tokens_file, offsets_file): p.unlink(missing_ok=True)
     if skipped: logger.warning("skipped %d of %d MIDI files in %s that could not be read; see %s", len(skipped), len(corpus), corpus.root, folder/TOKEN_CACHE_REPORT)
@@ -482,7 +488,7 @@ def _write_offsets(folder: Path, offsets: np.ndarray) -> tuple[str, dict]:
 
 def _write_report(folder: Path, corpus: MidiCorpus, docs: list, skipped: list):
     "The human-readable account of a build: what was skipped and why, what was ignored."
-    _write_json(folder/TOKEN_CACHE_REPORT, {
+    write_json(folder/TOKEN_CACHE_REPORT, {
         "corpus": str(corpus.root), "n_midi_files": len(corpus), "n_tokenized": len(docs),
         "skipped": [{"file": n, "reason": r} for n, r in skipped],
         "ignored": [{"file": n, "reason": "not a MIDI file name"} for n in corpus.ignored]})
@@ -564,7 +570,8 @@ class TokenWindows:
         self.framed_lengths = cache.lengths[self.docs] + 2   # with bos and eos
 
     def window(self, doc: int,  # position in `self.docs`
-               start: int) -> np.ndarray:  # offset into the framed document
+               start: int,  # offset into the framed document
+               ) -> np.ndarray:
         "`seq_len + 1` ids (int64) of framed document `doc` from `start`, padded with `pad_id` past its end."
         n = self.seq_len + 1
         d = self.docs[doc]
@@ -854,7 +861,8 @@ def lm_dataloaders(source: "str | os.PathLike | MidiCorpus | TokenCache",  # cor
                    cache_folder: str | os.PathLike | None = None,  # token cache folder (default: under KELLY_HOME)
                    workers: int | None = None,  # tokenizing processes for a first build (default: every core)
                    piece_of: Callable[[str], str] | None = None,  # file name → piece name for the split
-                   progress: bool = True) -> DataLoaders:  # progress bar while tokenizing
+                   progress: bool = True,  # progress bar while tokenizing
+                   ) -> DataLoaders:
     "fastai `DataLoaders` of `(x, y)` int64 `[bs, seq_len]` batches, `y` = `x` shifted by one, padded with `tokenizer.pad_id`."
     config = config or LMDataConfig()
     cache = source if isinstance(source, TokenCache) else TokenCache.for_corpus(source, tokenizer, cache_folder, workers, progress)

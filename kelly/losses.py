@@ -33,7 +33,8 @@ class LMLoss(nn.Module):
         self.label_smoothing, self.reduction = label_smoothing, reduction
 
     def forward(self, logits: torch.Tensor,  # [B, T, vocab] (or [N, vocab])
-                targets: torch.Tensor) -> torch.Tensor:  # int [B, T] (or [N]); pad positions are ignored
+                targets: torch.Tensor,  # int [B, T] (or [N]); pad positions are ignored
+                ) -> torch.Tensor:
         "The loss, reduced as `self.reduction` says."
         if logits.shape[-1] != self.vocab_size:
             raise LossError(f"logits have {logits.shape[-1]} classes but the tokenizer's vocabulary has {self.vocab_size}: "

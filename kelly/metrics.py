@@ -17,6 +17,7 @@ from fastai.learner import Metric
 
 from .core import KellyError
 from .midi import DRUM_PROGRAM, Music, bars
+from .tokenizer import Tokenizer
 
 # %% ../nbs/07_metrics.ipynb #885fbad5
 class MetricsError(KellyError, ValueError):
@@ -66,23 +67,33 @@ class Perplexity(Metric):
 # %% ../nbs/07_metrics.ipynb #cde4ef38
 COLLAPSE_SHARE = 0.5  # a sequence in which one token exceeds this share has collapsed
 
-def _content(ids, tokenizer) -> np.ndarray:
-    "The ids of `ids` that are not special tokens (pad, bos, eos, mask)."
-    ids = np.asarray(ids, dtype=np.int64).ravel()
+def _content(ids, tokenizer: Tokenizer | None) -> np.ndarray:
+    "The ids of `ids` that are not special tokens (pad, bos, eos, mask); every id when there is no tokenizer."
+    ids = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).ravel()
+    if tokenizer is None: return ids
     special = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.mask_id]
     return ids[~np.isin(ids, special)]
 
-def max_token_share(ids, tokenizer) -> float:  # a token sequence; the tokenizer that made it
+def max_token_share(ids,  # a token sequence (list, array or tensor of any shape)
+                    tokenizer: Tokenizer | None = None,  # the tokenizer that made it: its special ids are left out
+                    ) -> float:
     "Share of the most frequent non-special token (0.0 for a sequence with no content)."
     content = _content(ids, tokenizer)
     if len(content) == 0: return 0.0
-    return float(np.bincount(content).max() / len(content))
+    _, counts = np.unique(content, return_counts=True)
+    return float(counts.max() / len(content))
 
-def is_collapsed(ids, tokenizer, threshold: float = COLLAPSE_SHARE) -> bool:  # above this share = collapsed
+def is_collapsed(ids,  # a token sequence
+                 tokenizer: Tokenizer | None = None,  # its special ids are left out
+                 *,
+                 threshold: float = COLLAPSE_SHARE,  # above this share = collapsed
+                 ) -> bool:
     "Whether one token makes up more than `threshold` of the sequence's content."
     return max_token_share(ids, tokenizer) > threshold
 
-def grammar_validity(ids, tokenizer) -> float:  # a token sequence; whose grammar judges it
+def grammar_validity(ids,  # a token sequence
+                     tokenizer,  # whose grammar judges it
+                     ) -> float:
     "Fraction of valid transitions in `ids` under the tokenizer's grammar."
     return float(tokenizer.grammar.validity(np.asarray(ids)))
 
@@ -106,7 +117,8 @@ def _pitched(music: Music) -> np.ndarray:
     notes = music.notes()
     return notes[notes["program"] != DRUM_PROGRAM]
 
-def music_stats(music: Music) -> MusicStats:  # a decoded or loaded piece
+def music_stats(music: Music,  # a decoded or loaded piece
+                ) -> MusicStats:
     "`MusicStats` of a piece."
     notes = _pitched(music)
     if len(notes) == 0: return MusicStats(0, 0, -1, -1, 0.0, 0.0, 0.0, 0.0)
@@ -137,7 +149,9 @@ class StatRange:
         rows = [asdict(s) for s in stats]
         return cls({k: min(r[k] for r in rows) for k in rows[0]}, {k: max(r[k] for r in rows) for k in rows[0]})
 
-    def outside(self, stats: MusicStats, fields=("notes_per_bar", "pitch_min", "pitch_max")) -> list:  # which fields to check
+    def outside(self, stats: MusicStats,  # one piece's statistics
+                fields=("notes_per_bar", "pitch_min", "pitch_max"),  # which fields to check
+                ) -> list:
         "Names of the checked fields of `stats` outside this range: `*_min` fields below the lowest seen, `*_max` fields above the highest, others outside [lowest, highest]."
         d = asdict(stats)
         def ok(f):

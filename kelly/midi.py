@@ -7,8 +7,7 @@ __all__ = ['DRUM_PROGRAM', 'MIDI_MAX', 'DEFAULT_TPQ', 'DEFAULT_QPM', 'DEFAULT_TI
            'TEMPO_DTYPE', 'TIME_SIGNATURE_DTYPE', 'NOTE_DTYPE', 'BAR_DTYPE', 'MAX_BARS', 'MAX_DELTA', 'MidiError',
            'Track', 'Music', 'bar_length', 'bars', 'MidiScan', 'scan_midi', 'parse_midi', 'load_midi', 'to_miditoolkit',
            'from_miditoolkit', 'save_midi', 'RepairReport', 'repair', 'QuantizeReport', 'grid_offsets',
-           'nearest_values', 'snap_time_signatures', 'snap_onsets', 'quantize', 'synthetic_pop_midi',
-           'synthetic_piano_midi']
+           'nearest_values', 'snap_time_signatures', 'snap_onsets', 'quantize']
 
 # %% ../nbs/01_midi.ipynb #071f4881
 import dataclasses
@@ -149,7 +148,9 @@ class Music:
         "The tick at which the last note ends (0 when there are no notes)."
         return max((t.end for t in self.tracks), default=0)
 
-    def notes(self, sort: bool = True) -> np.ndarray:  # sort by (start, program, pitch, duration, velocity)
+    def notes(self,
+              sort: bool = True,  # sort by (start, program, pitch, duration, velocity)
+              ) -> np.ndarray:
         "All notes as one `NOTE_DTYPE` table (drums get `DRUM_PROGRAM`); track by track when not sorted."
         tab = np.empty(self.n_notes, NOTE_DTYPE)
         i = 0
@@ -178,13 +179,17 @@ class Music:
 BAR_DTYPE = np.dtype([("start", np.int64), ("length", np.int64), ("numerator", np.int16), ("denominator", np.int16)])
 MAX_BARS = 100_000  # about 55 hours of 4/4 at 120 qpm; longer music is refused rather than filling memory
 
-def bar_length(numerator: int, denominator: int, tpq: int) -> int:  # time signature and ticks per quarter
+def bar_length(numerator: int,  # beats per bar (time signature numerator)
+               denominator: int,  # beat unit (time signature denominator)
+               tpq: int,  # ticks per quarter
+               ) -> int:
     "Ticks in one bar of `numerator/denominator` (rounded when `tpq` cannot hold it exactly)."
     return max(1, round(tpq * 4 * numerator / denominator))
 
 def bars(time_signatures: np.ndarray,  # `TIME_SIGNATURE_DTYPE` rows sorted by tick
          tpq: int,  # ticks per quarter
-         end_tick: int) -> np.ndarray:  # bars are listed until one reaches past this tick
+         end_tick: int,  # bars are listed until one reaches past this tick
+         ) -> np.ndarray:
     "Every bar from tick 0 until `end_tick` is inside one: `BAR_DTYPE` rows (start, length, numerator, denominator)."
     ts = _structured(time_signatures, TIME_SIGNATURE_DTYPE)
     if len(ts) == 0 or ts["tick"][0] > 0:
@@ -334,7 +339,8 @@ class MidiScan:
 def _fail(name: str, reason: str): raise MidiError(f"{name}: {reason}")
 
 def scan_midi(data: bytes,  # the file's content
-              name: str = "<bytes>") -> MidiScan:  # how errors name the file
+              name: str = "<bytes>",  # how errors name the file
+              ) -> MidiScan:
     "Check the structure of a MIDI file byte by byte; raise `MidiError` naming `name` and the problem."
     if len(data) < 14: _fail(name, f"not a MIDI file: {len(data)} bytes, shorter than a MIDI header (14)")
     if data[:4] != b"MThd": _fail(name, f"not a MIDI file: starts with {bytes(data[:4])!r} instead of b'MThd'")
@@ -403,7 +409,8 @@ def _music_from_score(score) -> Music:
     return Music(int(score.ticks_per_quarter), tracks, tempos, sigs)
 
 def parse_midi(data: bytes,  # the content of a MIDI file
-               name: str = "<bytes>") -> Music:  # how errors and log lines name the file
+               name: str = "<bytes>",  # how errors and log lines name the file
+               ) -> Music:
     "Check and parse MIDI bytes into `Music`; anything unreadable raises `MidiError` naming `name`."
     scan = scan_midi(data, name)
     if scan.open_notes:
@@ -415,7 +422,8 @@ def parse_midi(data: bytes,  # the content of a MIDI file
         raise MidiError(f"{name}: {e}") from e
     return _music_from_score(score)
 
-def load_midi(path: str | os.PathLike) -> Music:  # a .mid/.midi file
+def load_midi(path: str | os.PathLike,  # a .mid/.midi file
+              ) -> Music:
     "Load a standard MIDI file (type 0, 1 or 2) into `Music`; unreadable or corrupt files raise `MidiError` naming the file."
     path = Path(path)
     try:
@@ -438,7 +446,8 @@ def to_miditoolkit(music: Music) -> miditoolkit.MidiFile:
     mf.max_tick = music.end_tick
     return mf
 
-def from_miditoolkit(midi: miditoolkit.MidiFile) -> Music:  # e.g. `miditoolkit.MidiFile(path)`
+def from_miditoolkit(midi: miditoolkit.MidiFile,  # e.g. `miditoolkit.MidiFile(path)`
+                     ) -> Music:
     "A `Music` holding the notes, tempi and time signatures of a `miditoolkit.MidiFile`."
     tracks = []
     for inst in midi.instruments:
@@ -472,7 +481,8 @@ def _writable_problems(music: Music) -> list[str]:
     return problems
 
 def save_midi(music: Music,  # what to write
-              path: str | os.PathLike) -> Path:  # the .mid file to create or replace
+              path: str | os.PathLike,  # the .mid file to create or replace
+              ) -> Path:
     "Write `music` as a type-1 MIDI file through miditoolkit, atomically; unwritable content raises `MidiError`."
     path = Path(path)
     problems = _writable_problems(music)
@@ -541,7 +551,8 @@ def _repair_track(t: Track, r: RepairReport, zero_length: str, min_duration: int
 
 def repair(music: Music,  # what to repair (left unchanged)
            zero_length: str = "extend",  # "extend" zero-length notes to `min_duration`, or "drop" them
-           min_duration: int = 1) -> tuple[Music, RepairReport]:  # ticks given to a zero-length note
+           min_duration: int = 1,  # ticks given to a zero-length note
+           ) -> tuple[Music, RepairReport]:
     "A repaired copy of `music` and a `RepairReport` of every change."
     if zero_length not in ("extend", "drop"): raise MidiError(f"repair: zero_length must be 'extend' or 'drop', got {zero_length!r}")
     if min_duration < 1: raise MidiError(f"repair: min_duration must be at least 1 tick, got {min_duration}")
@@ -584,7 +595,8 @@ class QuantizeReport:
         return "quantize: " + (", ".join(done) if done else "nothing to change")
 
 def grid_offsets(grid: tuple[int, ...],  # subdivisions of a quarter note, e.g. (4, 3)
-                 tpq: int) -> np.ndarray:  # ticks per quarter
+                 tpq: int,  # ticks per quarter
+                 ) -> np.ndarray:
     "Tick offsets of the grid points inside one quarter note, from 0 (inclusive) to `tpq` (exclusive)."
     bad = [s for s in grid if s < 1 or tpq % s]
     if not grid or bad: raise MidiError(f"grid {tuple(grid)} does not fit {tpq} ticks per quarter (each subdivision must divide it)")
@@ -600,7 +612,8 @@ def _snap(x: np.ndarray, offsets: np.ndarray, tpq: int) -> np.ndarray:
     return (beat * tpq + np.where(frac - lo <= hi - frac, lo, hi)).astype(np.int64)
 
 def nearest_values(x: np.ndarray,  # values to snap (floats or ints)
-                   allowed: np.ndarray) -> np.ndarray:  # sorted, unique allowed values (int64)
+                   allowed: np.ndarray,  # sorted, unique allowed values (int64)
+                   ) -> np.ndarray:
     "The nearest value of `allowed` to each entry of `x` (ties go to the smaller)."
     if len(allowed) == 1: return np.full(len(x), allowed[0], np.int64)
     j = np.minimum(np.maximum(np.searchsorted(allowed, x), 1), len(allowed) - 1)
@@ -611,7 +624,8 @@ def _round_half_up(x: float) -> int: return math.floor(x + 0.5)
 
 def snap_time_signatures(ts: np.ndarray,  # `TIME_SIGNATURE_DTYPE` rows sorted by tick
                          scale: float,  # new ticks per old tick (new tpq / old tpq)
-                         tpq: int) -> tuple[np.ndarray, int, int]:  # the new ticks per quarter
+                         tpq: int,  # the new ticks per quarter
+                         ) -> tuple[np.ndarray, int, int]:
     "Time signatures moved to the nearest bar line of the metre before them (MIDI's 4/4 before the first one), how many moved, how many merged away."
     out, moved = [], 0
     for tick, num, den in ts.tolist():
@@ -633,7 +647,8 @@ def _grid_floor(x: np.ndarray, offsets: np.ndarray, tpq: int) -> np.ndarray:
 def snap_onsets(ticks: np.ndarray,  # times to snap, in (float) ticks
                 bar_table: np.ndarray,  # `BAR_DTYPE` rows from `bars`, covering every tick
                 offsets: np.ndarray,  # grid points inside a quarter, from `grid_offsets`
-                tpq: int) -> np.ndarray:  # ticks per quarter
+                tpq: int,  # ticks per quarter
+                ) -> np.ndarray:
     "Snap ticks to the grid restarted at every bar line; a point may land on the next bar line, never past it."
     i = np.minimum(np.maximum(np.searchsorted(bar_table["start"], ticks, side="right") - 1, 0), len(bar_table) - 1)
     start, length = bar_table["start"][i], bar_table["length"][i]
@@ -689,62 +704,3 @@ def quantize(music: Music,  # what to quantize (left unchanged)
         last = np.append(tempos["tick"][1:] != tempos["tick"][:-1], True)
         r.tempos_merged = int((~last).sum()); tempos = tempos[last]
     return Music(tpq, tracks, tempos, ts), r
-
-# %% ../nbs/01_midi.ipynb #aa16058e
-def synthetic_pop_midi(seed: int = 0,  # random seed: same seed, same file
-                       n_bars: int = 16,  # length in bars
-                       tpq: int = 480) -> miditoolkit.MidiFile:  # ticks per quarter
-    "A multi-track pop song: drums, bass, chords, lead, tempo and time-signature changes, triplets."
-    rng = np.random.default_rng(seed)
-    mf = miditoolkit.MidiFile(ticks_per_beat=tpq)
-    sigs = [(0, 4, 4)] + ([(tpq * 4 * (n_bars // 2), 3, 4), (tpq * 4 * (n_bars // 2) + tpq * 3 * 2, 4, 4)] if n_bars >= 4 else [])
-    mf.time_signature_changes = [miditoolkit.TimeSignature(n, d, t) for t, n, d in sigs]
-    mf.tempo_changes = [miditoolkit.TempoChange(float(q), t) for t, q in [(0, 96.0 + seed % 5), (tpq * 4 * (n_bars // 4), 104.0), (tpq * 4 * (3 * n_bars // 4), 92.5)]]
-    bar_table = bars(np.array(sigs, TIME_SIGNATURE_DTYPE), tpq, tpq * 4 * n_bars - 1)[:n_bars]
-    drums, bass, keys, lead = (miditoolkit.Instrument(program=p, is_drum=d, name=n) for p, d, n in
-                               [(0, True, "drums"), (33, False, "bass"), (4, False, "keys"), (81, False, "lead")])
-    N = miditoolkit.Note
-    roots = rng.choice([48, 53, 55, 57], size=len(bar_table))
-    for (start, length, num, den), root in zip(bar_table.tolist(), roots.tolist()):
-        beats = length // tpq
-        for b in range(beats):
-            t = start + b * tpq
-            drums.notes.append(N(int(rng.integers(90, 120)), 36 if b % 2 == 0 else 38, t, t + tpq // 4))
-            for h in range(2): drums.notes.append(N(int(rng.integers(50, 90)), 42, t + h * tpq // 2, t + h * tpq // 2 + tpq // 8))
-            bass.notes.append(N(int(rng.integers(70, 100)), int(root - 12 + (7 if b % 2 else 0)), t, t + tpq // 2 + tpq // 4))
-        for p in (0, 4, 7):
-            keys.notes.append(N(int(rng.integers(55, 75)), int(root + 12 + p), start, start + length))
-        t = start
-        while t < start + length:
-            on_beat = (t - start) % tpq == 0
-            steps = [tpq // 3] * 3 if on_beat and rng.random() < 0.25 else [int(rng.choice([tpq // 4, tpq // 2, tpq]))]
-            for step in steps:  # a triplet fill fills a whole beat
-                if rng.random() < 0.8 and t < start + length:
-                    lead.notes.append(N(int(rng.integers(60, 110)), int(root + 24 + rng.choice([0, 2, 4, 7, 9, 12])), t, min(t + step, start + length)))
-                t += step
-    mf.instruments = [drums, bass, keys, lead]
-    mf.max_tick = int(bar_table["start"][-1] + bar_table["length"][-1])
-    return mf
-
-def synthetic_piano_midi(seed: int = 0,  # random seed: same seed, same file
-                         n_notes: int = 600,  # how many notes
-                         tpq: int = 384) -> miditoolkit.MidiFile:  # ticks per quarter (384 holds no exact triplet sixteenths)
-    "A piano performance: unquantized onsets, expressive velocities, long and overlapping notes, drifting tempo."
-    rng = np.random.default_rng(seed)
-    mf = miditoolkit.MidiFile(ticks_per_beat=tpq)
-    piano = miditoolkit.Instrument(program=0, name="piano")
-    t = 0.0
-    for i in range(n_notes):
-        t += float(rng.exponential(tpq / 3))
-        pitch = int(np.clip(60 + 12 * np.sin(i / 17) + rng.normal(0, 7), 21, 108))
-        dur = int(max(1, rng.lognormal(np.log(tpq / 2), 0.8)))
-        vel = int(np.clip(64 + 30 * np.sin(i / 40) + rng.normal(0, 10), 1, 127))
-        piano.notes.append(miditoolkit.Note(vel, pitch, int(t), int(t) + dur))
-        if rng.random() < 0.03:  # the same key struck again before release
-            piano.notes.append(miditoolkit.Note(vel, pitch, int(t) + dur // 3, int(t) + dur + tpq // 2))
-    mf.instruments = [piano]
-    end = int(t) + tpq * 4
-    mf.tempo_changes = [miditoolkit.TempoChange(float(round(70 + 15 * np.sin(k / 5), 3)), int(k * tpq)) for k in range(0, end // tpq, 2)]
-    mf.time_signature_changes = [miditoolkit.TimeSignature(3, 4, 0)]
-    mf.max_tick = end
-    return mf

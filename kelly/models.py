@@ -62,9 +62,12 @@ class TransformerConfig(Config):
         if self.norm_eps <= 0 or self.init_std <= 0: raise ConfigError("config keys 'norm_eps' and 'init_std' must be positive")
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, **kwargs):  # a kelly `Tokenizer` (anything with `vocab_size`); other fields
-        "A config whose `vocab_size` is the tokenizer's."
-        return cls(vocab_size=int(tokenizer.vocab_size), **kwargs)
+    def for_tokenizer(cls, tokenizer,  # a kelly `Tokenizer`: supplies `vocab_size`
+                      base: "TransformerConfig | None" = None,  # the settings to start from (default: the defaults)
+                      **fields):  # other fields to change, e.g. `max_len=256`
+        "The one way to size a model from a tokenizer: `base` (or the defaults) with the tokenizer's `vocab_size` and `fields`."
+        values = {**(base.to_dict() if base is not None else {}), **fields, "vocab_size": int(tokenizer.vocab_size)}
+        return cls.from_dict(values)
 
 # %% ../nbs/05_models.ipynb #1953bbc4
 def rope_angles(positions: torch.Tensor,  # int positions, shape [T]
@@ -105,7 +108,8 @@ def causal_mask(n_queries: int,  # new positions
 
 def attention_reference(q: torch.Tensor,  # [B, H, Tq, D]
                         k: torch.Tensor,  # [B, H, Tk, D], Tk >= Tq; the last Tq keys are the queries' own positions
-                        v: torch.Tensor) -> torch.Tensor:  # [B, H, Tk, D]
+                        v: torch.Tensor,  # [B, H, Tk, D]
+                        ) -> torch.Tensor:
     "Slow reference of causal attention: softmax(q·kᵀ/√d + mask)·v, written out."
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
@@ -114,7 +118,8 @@ def attention_reference(q: torch.Tensor,  # [B, H, Tq, D]
 def causal_attention(q: torch.Tensor,  # [B, H, Tq, D]
                      k: torch.Tensor,  # [B, H, Tk, D]
                      v: torch.Tensor,  # [B, H, Tk, D]
-                     dropout_p: float = 0.0) -> torch.Tensor:  # dropout on attention weights (training only)
+                     dropout_p: float = 0.0,  # dropout on attention weights (training only)
+                     ) -> torch.Tensor:
     "Fused causal attention where the Tq queries are the last Tq of the Tk positions."
     tq, tk = q.shape[-2], k.shape[-2]
     if tq == tk: return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
@@ -133,7 +138,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor,  # [B, T, width]
                 cos: torch.Tensor, sin: torch.Tensor,  # rotary tables for the T positions, [T, head_dim]
                 kv: tuple | None = None,  # (keys, values) of one layer of a `KVCache`, [B, H, capacity, D]
-                start: int = 0) -> torch.Tensor:  # position of x[:, 0] (number of cached positions)
+                start: int = 0,  # position of x[:, 0] (number of cached positions)
+                ) -> torch.Tensor:
         "Attend causally over `x` (and the cached positions before it when `kv` is given)."
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -203,7 +209,9 @@ class KVCache:
         "Sequences in the cache."
         return self.kv.shape[1]
 
-    def reserve(self, n: int) -> int:  # positions about to be appended
+    def reserve(self,
+                n: int,  # positions about to be appended
+                ) -> int:
         "Check room for `n` more positions; return the start position. Raises `ModelError` naming the capacity."
         if self.length + n > self.capacity:
             raise ModelError(f"KV cache is full: it holds {self.capacity} positions, {self.length} are used and {n} more were asked for; "
@@ -275,12 +283,15 @@ class MusicTransformer(nn.Module):
         return logits, cache
 
     def new_cache(self, batch_size: int,  # sequences decoded together
-                  capacity: int) -> KVCache:  # most positions (prompt + new tokens)
+                  capacity: int,  # most positions (prompt + new tokens)
+                  ) -> KVCache:
         "An empty `KVCache` on the model's device and dtype."
         p = self.embed.weight
         return KVCache.empty(self.config, batch_size, capacity, device=p.device, dtype=p.dtype)
 
-    def n_params(self, include_embeddings: bool = True) -> int:  # count the token embedding (shared with the head when tied)
+    def n_params(self,
+                 include_embeddings: bool = True,  # count the token embedding (shared with the head when tied)
+                 ) -> int:
         "Number of distinct parameters."
         n = sum(p.numel() for p in self.parameters())
         return n if include_embeddings else n - self.embed.weight.numel()
@@ -303,7 +314,9 @@ class _PackedLinear:
         self.splits, self.in_f, self.out_f = s, in_f, out_f
         self.weight, self.bias = (blocks[0], b) if s == 1 else (blocks, b.view(s, 1, out_f // s))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [B, in]
+    def __call__(self,
+                 x: torch.Tensor,  # [B, in]
+                 ) -> torch.Tensor:
         if self.splits == 1: return torch.addmm(self.bias, x, self.weight)
         B = x.shape[0]
         y = torch.baddbmm(self.bias, x.expand(self.splits, B, self.in_f), self.weight)   # [s, B, out/s]
@@ -337,13 +350,15 @@ class IncrementalDecoder:
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor,  # prompt ids [B, T]
-                cache: KVCache) -> torch.Tensor:  # cache to fill (appended to)
+                cache: KVCache,  # cache to fill (appended to)
+                ) -> torch.Tensor:
         "Push a prompt through the model's cached forward; logits [B, vocab] of its last position."
         return self.model(ids, cache)[0][:, -1]
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor,  # one new token per sequence, int [B]
-             cache: KVCache) -> torch.Tensor:  # the cache of earlier positions (appended to)
+             cache: KVCache,  # the cache of earlier positions (appended to)
+             ) -> torch.Tensor:
         "Append one token per sequence; logits [B, vocab] for the next position."
         pos = cache.reserve(1)
         B, C, H, D, eps = tokens.shape[0], self.config.width, self.config.n_heads, self.config.head_dim, self.config.norm_eps

@@ -45,7 +45,8 @@ FORMAT_VERSION = 1  # bumped when the saved layout or the meaning of the vocabul
 DEFAULT_TIME_SIGNATURES = ("1/4", "2/4", "3/4", "4/4", "5/4", "6/4", "7/4", "2/2", "3/2", "4/2",
                            "3/8", "5/8", "6/8", "7/8", "9/8", "12/8")
 
-def parse_time_signature(s: str) -> tuple[int, int]:  # like "6/8"
+def parse_time_signature(s: str,  # like "6/8"
+                         ) -> tuple[int, int]:
     "`(numerator, denominator)` of a time signature written as 'n/d' (denominator a power of two)."
     try:
         n, d = (int(x) for x in str(s).split("/"))
@@ -258,20 +259,26 @@ class Tokenizer:
         "The special tokens' ids by name."
         return {"pad": self.pad_id, "bos": self.bos_id, "eos": self.eos_id, "mask": self.mask_id}
 
-    def token_to_id(self, token: str) -> int:  # a "Type_Value" string, e.g. "Pitch_60"
+    def token_to_id(self,
+                    token: str,  # a "Type_Value" string, e.g. "Pitch_60"
+                    ) -> int:
         "The id of a token string; unknown strings raise `TokenizerError` with the closest known ones."
         try: return self._id_of[token]
         except (KeyError, TypeError):
             close = difflib.get_close_matches(str(token), self.vocab, n=3)
             raise TokenizerError(f"unknown token {token!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")) from None
 
-    def id_to_token(self, i: int) -> str:  # an id in 0 ... vocab_size-1
+    def id_to_token(self,
+                    i: int,  # an id in 0 ... vocab_size-1
+                    ) -> str:
         "The token string of an id; ids outside the vocabulary raise `TokenizerError`."
         if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.vocab_size:
             raise TokenizerError(f"id {i!r} is outside the vocabulary (0 ... {self.vocab_size - 1})")
         return self.vocab[int(i)]
 
-    def tokens(self, ids) -> list[str]:  # any ids
+    def tokens(self,
+               ids,  # any ids
+               ) -> list[str]:
         "Readable token strings for ids (those outside the vocabulary show as '<invalid:id>')."
         return [self.vocab[i] if 0 <= i < self.vocab_size else f"<invalid:{i}>" for i in _as_id_array(ids).tolist()]
 
@@ -329,7 +336,9 @@ class Grammar:
         length = np.where(bar_no == 0, self.max_bar_ticks, length)
         return bar_no, length, self.position_tick[a]
 
-    def positions_ok(self, ids) -> np.ndarray:  # any ids
+    def positions_ok(self,
+                     ids,  # any ids
+                     ) -> np.ndarray:
         "bool [len(ids)]: False for a Position that is not later than its bar's previous one or not inside the bar (other ids: True)."
         a = _as_id_array(ids)
         a = np.where((a >= 0) & (a < len(self.type_of)), a, self.type_of.argmin())   # out-of-vocabulary ids are judged elsewhere
@@ -342,7 +351,9 @@ class Grammar:
         prev_max = np.concatenate([[lowest], np.maximum.accumulate(seq)[:-1]])
         return ~is_pos | ((seq > prev_max) & (tick < length))
 
-    def state_after(self, ids) -> tuple[int, int]:  # any ids (those outside the vocabulary are ignored)
+    def state_after(self,
+                    ids,  # any ids (those outside the vocabulary are ignored)
+                    ) -> tuple[int, int]:
         "`(bar length, last position tick or -1)` at the end of `ids`: what a sampler needs to continue them."
         a = _as_id_array(ids)
         a = a[(a >= 0) & (a < len(self.type_of))]
@@ -352,20 +363,26 @@ class Grammar:
         last = tick[in_bar & (tick >= 0)]
         return int(length[-1]), int(last.max()) if len(last) else -1
 
-    def transitions_ok(self, ids) -> np.ndarray:  # any ids
+    def transitions_ok(self,
+                       ids,  # any ids
+                       ) -> np.ndarray:
         "bool [len(ids) - 1]: whether each consecutive pair is allowed, the second id's value included (ids outside the vocabulary never are)."
         a = _as_id_array(ids)
         ok = (a >= 0) & (a < len(self.type_of))
         t = self.type_of[np.where(ok, a, 0)]
         return self.allowed[t[:-1], t[1:]] & ok[:-1] & ok[1:] & self.positions_ok(a)[1:]
 
-    def validity(self, ids) -> float:  # any ids
+    def validity(self,
+                 ids,  # any ids
+                 ) -> float:
         "Fraction of consecutive pairs the grammar allows (1.0 for fewer than two ids that are all in the vocabulary)."
         a = _as_id_array(ids)
         if len(a) < 2: return float(bool(np.all((a >= 0) & (a < len(self.type_of)))))
         return float(self.transitions_ok(a).mean())
 
-    def is_valid(self, ids) -> bool:  # any ids
+    def is_valid(self,
+                 ids,  # any ids
+                 ) -> bool:
         "Whether every id is in the vocabulary and every transition is allowed."
         return self.validity(ids) == 1.0
 
@@ -531,7 +548,9 @@ def _to_music(self: Tokenizer, prep: _Prepared) -> Music:
     return Music(self.config.tpq, tracks, tempos, ts)
 
 @patch
-def quantize(self: Tokenizer, music: Music) -> tuple[Music, EncodeReport]:  # any music
+def quantize(self: Tokenizer,
+             music: Music,  # any music
+             ) -> tuple[Music, EncodeReport]:
     "`music` as this tokenizer's tokens can hold it (the reference for round trips), and a report of what changed."
     prep, report = self._prepare(music)
     return self._to_music(prep), report
@@ -570,20 +589,23 @@ def _encode_prepared(self: Tokenizer, prep: _Prepared, add_special: bool) -> np.
 
 @patch
 def encode_with_report(self: Tokenizer, music: Music,  # what to encode
-                       add_special: bool = True) -> tuple[np.ndarray, EncodeReport]:  # wrap in BOS ... EOS
+                       add_special: bool = True,  # wrap in BOS ... EOS
+                       ) -> tuple[np.ndarray, EncodeReport]:
     "Token ids (int32) and the `EncodeReport` of what quantizing to the vocabulary changed."
     prep, report = self._prepare(music)
     return self._encode_prepared(prep, add_special), report
 
 @patch
 def encode(self: Tokenizer, music: Music,  # what to encode
-           add_special: bool = True) -> np.ndarray:  # wrap in BOS ... EOS
+           add_special: bool = True,  # wrap in BOS ... EOS
+           ) -> np.ndarray:
     "Token ids (int32) for `music` (quantized by the tokenizer's rules first; see `quantize`)."
     return self.encode_with_report(music, add_special)[0]
 
 @patch
 def encode_file(self: Tokenizer, path: str | os.PathLike,  # a MIDI file
-                add_special: bool = True) -> np.ndarray:  # wrap in BOS ... EOS
+                add_special: bool = True,  # wrap in BOS ... EOS
+                ) -> np.ndarray:
     "Token ids for a MIDI file; unreadable files raise `MidiError` naming the file."
     return self.encode(load_midi(path), add_special)
 
@@ -625,7 +647,9 @@ def _shift(a: np.ndarray, k: int, fill: int) -> np.ndarray:
     return np.concatenate([a[k:], np.full(min(k, len(a)), fill, a.dtype)])
 
 @patch
-def decode_with_report(self: Tokenizer, ids) -> tuple[Music, DecodeReport]:  # any id sequence
+def decode_with_report(self: Tokenizer,
+                       ids,  # any id sequence
+                       ) -> tuple[Music, DecodeReport]:
     "Music from ids, and a `DecodeReport`; never raises, whatever the ids."
     cfg = self.config
     a = _as_id_array(ids)
@@ -704,7 +728,9 @@ def decode_with_report(self: Tokenizer, ids) -> tuple[Music, DecodeReport]:  # a
     return self._to_music(prep), r
 
 @patch
-def decode(self: Tokenizer, ids) -> Music:  # any id sequence
+def decode(self: Tokenizer,
+           ids,  # any id sequence
+           ) -> Music:
     "Music from ids; never raises (see `decode_with_report` for what was skipped)."
     return self.decode_with_report(ids)[0]
 
@@ -767,7 +793,8 @@ class RoundTrip(NamedTuple):
         return self.matched / self.total if self.total else 1.0
 
 def count_matching_notes(a: np.ndarray,  # `NOTE_DTYPE` table
-                         b: np.ndarray) -> int:  # `NOTE_DTYPE` table
+                         b: np.ndarray,  # `NOTE_DTYPE` table
+                         ) -> int:
     "Size of the multiset intersection of two note tables (a note matches on all five fields)."
     if len(a) == 0 or len(b) == 0: return 0
     ua, ca = np.unique(a, return_counts=True)
@@ -776,7 +803,9 @@ def count_matching_notes(a: np.ndarray,  # `NOTE_DTYPE` table
     return int(np.minimum(ca[ia], cb[ib]).sum())
 
 @patch
-def roundtrip_with_report(self: Tokenizer, music: Music) -> tuple[RoundTrip, EncodeReport]:  # any music
+def roundtrip_with_report(self: Tokenizer,
+                          music: Music,  # any music
+                          ) -> tuple[RoundTrip, EncodeReport]:
     "How many notes of `self.quantize(music)` come back from `decode(encode(music))`, and what quantizing changed."
     prep, report = self._prepare(music)
     reference = self._to_music(prep).notes()
@@ -784,7 +813,9 @@ def roundtrip_with_report(self: Tokenizer, music: Music) -> tuple[RoundTrip, Enc
     return RoundTrip(count_matching_notes(reference, decoded), len(reference)), report
 
 @patch
-def roundtrip(self: Tokenizer, music: Music) -> RoundTrip:  # any music
+def roundtrip(self: Tokenizer,
+              music: Music,  # any music
+              ) -> RoundTrip:
     "How many notes of `self.quantize(music)` come back from `decode(encode(music))`."
     return self.roundtrip_with_report(music)[0]
 
@@ -798,7 +829,8 @@ def to_json(self: Tokenizer) -> str:
 
 @patch(cls_method=True)
 def from_json(cls: Tokenizer, text: str,  # text written by `to_json` / `save`
-              source: str = "<json>") -> Tokenizer:  # how errors name where the text came from
+              source: str = "<json>",  # how errors name where the text came from
+              ) -> Tokenizer:
     "Rebuild a tokenizer from `to_json` text, refusing edited, foreign or newer files."
     try:
         d = json.loads(text)
@@ -817,14 +849,18 @@ def from_json(cls: Tokenizer, text: str,  # text written by `to_json` / `save`
     return tok
 
 @patch
-def save(self: Tokenizer, path: str | os.PathLike) -> Path:  # a .json file
+def save(self: Tokenizer,
+         path: str | os.PathLike,  # a .json file
+         ) -> Path:
     "Write `to_json()` to `path`, atomically."
     path = Path(path)
     with atomic_write(path) as f: f.write(self.to_json())
     return path
 
 @patch(cls_method=True)
-def load(cls: Tokenizer, path: str | os.PathLike) -> Tokenizer:  # a file written by `save`
+def load(cls: Tokenizer,
+         path: str | os.PathLike,  # a file written by `save`
+         ) -> Tokenizer:
     "Read a tokenizer saved with `save`; problems raise `TokenizerError` naming the file."
     path = Path(path)
     try:
@@ -841,7 +877,9 @@ def _mask_of(self: Tokenizer, a: np.ndarray, kind: TokenType) -> np.ndarray:
     return ((a >= 0) & (a < self.vocab_size)) & (self.type_of[np.minimum(np.maximum(a, 0), self.vocab_size - 1)] == kind)
 
 @patch
-def pitch_span(self: Tokenizer, ids) -> tuple[int, int] | None:  # any ids
+def pitch_span(self: Tokenizer,
+               ids,  # any ids
+               ) -> tuple[int, int] | None:
     "(lowest, highest) pitch of the pitched (non-drum) notes in `ids`, or None if there are none."
     a = np.asarray(ids)
     m = self._mask_of(a, TokenType.PITCH)
@@ -850,7 +888,9 @@ def pitch_span(self: Tokenizer, ids) -> tuple[int, int] | None:  # any ids
     return int(p.min()), int(p.max())
 
 @patch
-def transpose_range(self: Tokenizer, ids) -> tuple[int, int]:  # any ids
+def transpose_range(self: Tokenizer,
+                    ids,  # any ids
+                    ) -> tuple[int, int]:
     "(lowest, highest) number of semitones `ids` can be transposed by and stay in the pitch range."
     span = self.pitch_span(ids)
     lo, hi = self.config.pitch_range
@@ -858,7 +898,8 @@ def transpose_range(self: Tokenizer, ids) -> tuple[int, int]:  # any ids
 
 @patch
 def transpose(self: Tokenizer, ids,  # any ids
-              semitones: int) -> np.ndarray | None:  # how far to move every pitched note
+              semitones: int,  # how far to move every pitched note
+              ) -> np.ndarray | None:
     "A copy of `ids` with every `Pitch` moved by `semitones` (drums untouched), or None if a pitch would leave the range."
     a = np.array(ids, copy=True)
     m = self._mask_of(a, TokenType.PITCH)
@@ -870,7 +911,8 @@ def transpose(self: Tokenizer, ids,  # any ids
 
 @patch
 def scale_velocity(self: Tokenizer, ids,  # any ids
-                   factor: float) -> np.ndarray:  # multiply every velocity by this
+                   factor: float,  # multiply every velocity by this
+                   ) -> np.ndarray:
     "A copy of `ids` with every velocity multiplied by `factor` (nearest bin, kept within 1-127)."
     a = np.array(ids, copy=True)
     m = self._mask_of(a, TokenType.VELOCITY)
@@ -881,7 +923,8 @@ def scale_velocity(self: Tokenizer, ids,  # any ids
 
 @patch
 def scale_tempo(self: Tokenizer, ids,  # any ids
-                factor: float) -> np.ndarray:  # multiply every tempo by this
+                factor: float,  # multiply every tempo by this
+                ) -> np.ndarray:
     "A copy of `ids` with every tempo multiplied by `factor` (nearest bin, kept within the tempo range)."
     a = np.array(ids, copy=True)
     m = self._mask_of(a, TokenType.TEMPO)
@@ -936,14 +979,16 @@ def _pool_map(tokenizer: Tokenizer, fn, jobs: list, workers: int | None) -> Iter
 def tokenize_files(tokenizer: Tokenizer,  # the tokenizer to use
                    paths: Iterable[str | os.PathLike],  # MIDI files
                    workers: int | None = None,  # processes (default: every core; 1: this process)
-                   add_special: bool = False) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:  # BOS/EOS around each
+                   add_special: bool = False,  # BOS/EOS around each
+                   ) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:
     "Yield `(path, ids, None)` or `(path, None, error)` for every file, in input order, tokenizing on all cores."
     paths = [Path(p) for p in paths]
     for path, ids, error in _pool_map(tokenizer, _encode_job, [(str(p), add_special) for p in paths], workers):
         yield Path(path), ids, error
 
 def midi_files(folder: str | os.PathLike,  # where to look (recursively)
-               suffixes: tuple[str, ...] = MIDI_SUFFIXES) -> list[Path]:  # file endings that count as MIDI
+               suffixes: tuple[str, ...] = MIDI_SUFFIXES,  # file endings that count as MIDI
+               ) -> list[Path]:
     "The MIDI files under `folder`, sorted; a missing folder raises `TokenizerError`."
     folder = Path(folder)
     if not folder.is_dir(): raise TokenizerError(f"{folder}: not a folder")
@@ -975,7 +1020,8 @@ class RoundtripReport:
 
 def check_roundtrip(source: str | os.PathLike | Iterable[str | os.PathLike],  # a folder (searched recursively) or files
                     tokenizer: Tokenizer | None = None,  # default: `Tokenizer()`
-                    workers: int | None = None) -> RoundtripReport:  # processes (default: every core)
+                    workers: int | None = None,  # processes (default: every core)
+                    ) -> RoundtripReport:
     "Round-trip fidelity of every MIDI file in `source`, and the files that failed to load, with reasons."
     tokenizer = tokenizer or Tokenizer()
     paths = midi_files(source) if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]

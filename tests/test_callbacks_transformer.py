@@ -21,7 +21,9 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import Adam
 
-from kelly.callbacks import CheckpointError, Checkpoint, Precision, Rollback, SampleMonitor, load_checkpoint
+from kelly.checkpoints import CheckpointError, load_checkpoint
+from kelly.callbacks import Precision
+from kelly.reliability import Checkpoint, Rollback, SampleMonitor
 from kelly.core import seed_everything
 from kelly.models import MusicTransformer, TransformerConfig
 from kelly.samplers import generate
@@ -152,7 +154,7 @@ def test_resume_with_kelly_datasets_loader_is_bitwise(tok, tmp_path):
     cfg = LMDataConfig(seq_len=WINDOW, bs=8, windows_per_epoch=64, valid_frac=0.2)   # augmentation on (the default)
     def learner(cbs=()):
         torch.manual_seed(0)
-        dls = lm_dataloaders(MIDI_DIR, tok, cfg, cache_folder=tmp_path/"cache", workers=1, progress=False)
+        dls = lm_dataloaders(MIDI_DIR, tok, config=cfg, cache_folder=tmp_path/"cache", workers=1, progress=False)
         model = MusicTransformer(TransformerConfig(vocab_size=tok.vocab_size, n_layers=2, width=32, n_heads=4, max_len=WINDOW))
         learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(ignore_index=tok.pad_id), opt_func=Adam, cbs=list(cbs))
         learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])

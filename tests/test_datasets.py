@@ -235,7 +235,7 @@ def cache_pad_last(bach, tok_pad_last, tmp_path_factory):
 def test_window_contents_and_special_ids(cache_pad_last, tok_pad_last):
     t = tok_pad_last
     T = 64
-    sw = SlidingWindows(cache_pad_last, t, T)
+    sw = SlidingWindows(cache_pad_last, t, seq_len=T)
     for i in range(len(sw)):
         x, y = sw[i]
         assert x.dtype == y.dtype == np.int64 and x.shape == y.shape == (T,)
@@ -254,7 +254,7 @@ def test_window_contents_and_special_ids(cache_pad_last, tok_pad_last):
 def test_short_documents_are_padded(cache_pad_last, tok_pad_last):
     t = tok_pad_last
     T = int(cache_pad_last.lengths.max()) + 10
-    rw = RandomWindows(cache_pad_last, t, T, seed=3, windows_per_epoch=50)
+    rw = RandomWindows(cache_pad_last, t, seq_len=T, seed=3, windows_per_epoch=50)
     for i in range(len(rw)):
         x, y = rw[i]
         doc, start = rw.locate(i)
@@ -264,7 +264,7 @@ def test_short_documents_are_padded(cache_pad_last, tok_pad_last):
 
 
 def test_random_windows_reach_every_document(cache_pad_last, tok_pad_last):
-    rw = RandomWindows(cache_pad_last, tok_pad_last, 32, seed=0, windows_per_epoch=4000)
+    rw = RandomWindows(cache_pad_last, tok_pad_last, seq_len=32, seed=0, windows_per_epoch=4000)
     counts = np.bincount([rw.locate(i)[0] for i in range(len(rw))], minlength=len(rw.docs))
     assert (counts > 0).all()
     expected = (rw.framed_lengths - 32) / (rw.framed_lengths - 32).sum() * len(rw)
@@ -320,7 +320,7 @@ def cfg():
 
 
 def test_lm_batches(bach, tok_pad_last, cfg, tmp_path):
-    dls = lm_dataloaders(bach, tok_pad_last, cfg, cache_folder=tmp_path/"cache", progress=False)
+    dls = lm_dataloaders(bach, tok_pad_last, config=cfg, cache_folder=tmp_path/"cache", progress=False)
     pad = tok_pad_last.pad_id
     for dl in (dls.train, dls.valid):
         for x, y in dl:
@@ -338,7 +338,7 @@ def test_lm_batches(bach, tok_pad_last, cfg, tmp_path):
 
 def test_loader_resume_in_a_fresh_process_is_exact(bach, tok, cfg, tmp_path):
     cache_dir = tmp_path/"cache"
-    dls = lm_dataloaders(bach, tok, cfg, cache_folder=cache_dir, progress=False)
+    dls = lm_dataloaders(bach, tok, config=cfg, cache_folder=cache_dir, progress=False)
     full = _batches(dls.train) + _batches(dls.train)        # two epochs, uninterrupted
     assert dls.train.epoch == 2 and not _same(full[:12], full[12:])   # epochs differ
     state_file, out = tmp_path/"state.json", tmp_path/"rest.pt"
@@ -353,7 +353,7 @@ for _ in range(7): next(it)
 open({str(state_file)!r}, "w").write(json.dumps(dls.train.state_dict()))
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=WAIT_S)
-    resumed = lm_dataloaders(bach, tok, cfg, cache_folder=cache_dir, progress=False)
+    resumed = lm_dataloaders(bach, tok, config=cfg, cache_folder=cache_dir, progress=False)
     resumed.train.load_state_dict(json.loads(state_file.read_text()))
     assert (resumed.train.epoch, resumed.train.position) == (0, 7)
     rest = _batches(resumed.train) + _batches(resumed.train)
@@ -361,15 +361,15 @@ open({str(state_file)!r}, "w").write(json.dumps(dls.train.state_dict()))
 
 
 def test_batches_do_not_depend_on_workers(bach, tok, cfg, tmp_path):
-    one = _batches(lm_dataloaders(bach, tok, cfg, cache_folder=tmp_path/"c", progress=False).train)
+    one = _batches(lm_dataloaders(bach, tok, config=cfg, cache_folder=tmp_path/"c", progress=False).train)
     cfg2 = LMDataConfig.from_dict({**cfg.to_dict(), "num_workers": 2})
-    two = lm_dataloaders(bach, tok, cfg2, cache_folder=tmp_path/"c", progress=False)
+    two = lm_dataloaders(bach, tok, config=cfg2, cache_folder=tmp_path/"c", progress=False)
     assert _same(one, _batches(two.train))
 
 
 def test_ranks_share_an_epoch_without_overlap(bach, tok, cfg, tmp_path):
-    single = lm_dataloaders(bach, tok, cfg, cache_folder=tmp_path/"c", progress=False)
-    ranks = [lm_dataloaders(bach, tok, LMDataConfig.from_dict({**cfg.to_dict(), "bs": cfg.bs // 2}), rank=r, world_size=2,
+    single = lm_dataloaders(bach, tok, config=cfg, cache_folder=tmp_path/"c", progress=False)
+    ranks = [lm_dataloaders(bach, tok, config=LMDataConfig.from_dict({**cfg.to_dict(), "bs": cfg.bs // 2}), rank=r, world_size=2,
                             cache_folder=tmp_path/"c", progress=False) for r in range(2)]
     assert len(ranks[0].train) == len(ranks[1].train) == len(single.train)
     one = _batches(single.train)
@@ -385,11 +385,11 @@ def test_ranks_share_an_epoch_without_overlap(bach, tok, cfg, tmp_path):
 
 
 def test_saved_state_from_other_data_is_refused(bach, tok, cfg, tmp_path):
-    dls = lm_dataloaders(bach, tok, cfg, cache_folder=tmp_path/"c", progress=False)
+    dls = lm_dataloaders(bach, tok, config=cfg, cache_folder=tmp_path/"c", progress=False)
     state = dls.train.state_dict()
-    other = lm_dataloaders(bach, tok, LMDataConfig.from_dict({**cfg.to_dict(), "valid_frac": 0.3}), cache_folder=tmp_path/"c", progress=False)
+    other = lm_dataloaders(bach, tok, config=LMDataConfig.from_dict({**cfg.to_dict(), "valid_frac": 0.3}), cache_folder=tmp_path/"c", progress=False)
     with pytest.raises(DatasetError, match="another corpus, tokenizer or split"): other.train.load_state_dict(state)
-    wider = lm_dataloaders(bach, tok, LMDataConfig.from_dict({**cfg.to_dict(), "bs": 4}), cache_folder=tmp_path/"c", progress=False)
+    wider = lm_dataloaders(bach, tok, config=LMDataConfig.from_dict({**cfg.to_dict(), "bs": 4}), cache_folder=tmp_path/"c", progress=False)
     with pytest.raises(DatasetError, match="bs="): wider.train.load_state_dict(state)
 
 
@@ -398,7 +398,7 @@ def test_fastai_learner_trains_on_the_loaders(bach, tok_pad_last, cfg, tmp_path)
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     t = tok_pad_last
-    dls = lm_dataloaders(bach, t, cfg, cache_folder=tmp_path/"c", progress=False)
+    dls = lm_dataloaders(bach, t, config=cfg, cache_folder=tmp_path/"c", progress=False)
     model = torch.nn.Sequential(torch.nn.Embedding(t.vocab_size, 16), torch.nn.Linear(16, t.vocab_size))
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(ignore_index=t.pad_id))
     with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-2)

@@ -71,7 +71,7 @@ def test_only_rank_0_writes_checkpoints(runs):
     assert r0["saved"] == _report(t/"r1")["saved"]          # the same checkpoints as the single process
     names = sorted(p.name for p in (t/"ck2").iterdir())
     assert names == sorted([n for n in r0["saved"]] + [n + ".sha256" for n in r0["saved"]])   # no temp files, nothing else
-    from kelly.callbacks import load_checkpoint
+    from kelly.checkpoints import load_checkpoint
     st = load_checkpoint(t/"ck2"/r0["saved"][-1])
     assert st["world_size"] == 2 and len(st["ranks"]) == 2  # but both ranks' RNG and data states are in it
 
@@ -95,7 +95,7 @@ def test_distributed_without_launcher_is_an_error(tmp_path):
 def test_two_processes_resume_exactly(runs, tmp_path):
     "Both ranks' RNG and data states come back: 2 ranks resumed from step 10 end where 2 ranks never stopped."
     t, _ = runs
-    from kelly.callbacks import list_checkpoints, sidecar_path
+    from kelly.checkpoints import list_checkpoints, sidecar_path
     ck = tmp_path/"ck"
     ck.mkdir()
     for p in list_checkpoints(t/"ck2"):

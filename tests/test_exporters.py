@@ -1,7 +1,7 @@
 """kelly.exporters beyond the notebook: more real music through three MIDI readers, sampler output to files,
 every byte of a bundle flipped, trained weights round-tripped, and SIGKILL during a bundle overwrite.
 
-The notebook (11_exporters) tests each piece once on small data; these tests repeat the claims on more pieces,
+The notebook (09_exporters) tests each piece once on small data; these tests repeat the claims on more pieces,
 more tokenizer settings and every byte position.
 """
 import json
@@ -26,7 +26,8 @@ from PIL import Image
 from conftest import ROOT
 from kelly.exporters import (BUNDLE_FILES, MANIFEST_FILE, MIDI_TPQ, BundleError, bundle_info, draw_piano_roll,
                              export_pieces, ids_to_midi, load_bundle, save_bundle, save_piano_roll, write_midi)
-from kelly.midi import Music, Track, from_miditoolkit, load_midi, synthetic_pop_midi
+from kelly.midi import Music, Track, from_miditoolkit, load_midi
+from kelly.test_utils import synthetic_pop_midi
 from kelly.models import MusicTransformer, TransformerConfig
 from kelly.samplers import generate
 from kelly.tokenizer import Tokenizer, TokenizerConfig
@@ -98,12 +99,12 @@ def test_chorales_and_pop_reopen_in_three_readers(setting, chorale_files, tmp_pa
         pops.append(tmp_path/f"pop{seed}.mid")
     for f in [*chorale_files, *pops]:
         ids = tok.encode_file(f)
-        e = ids_to_midi(tok, ids, tmp_path/"out"/f.name)
+        e = ids_to_midi(tok, ids, path=tmp_path/"out"/f.name)
         assert e.decode.n_skipped == 0 and e.ticks_rounded == 0, str(e)
         assert e.music.n_notes == tok.decode(ids).n_notes - e.repair.duplicates_dropped - e.repair.zero_length_dropped
         check_three_readers(e)
     # the pop fixture keeps its drums, its programs and (when the tokenizer has them) its tempo and metre changes
-    e = ids_to_midi(tok, tok.encode_file(pops[0]), tmp_path/"pop.mid")
+    e = ids_to_midi(tok, tok.encode_file(pops[0]), path=tmp_path/"pop.mid")
     assert any(t.is_drum for t in e.music.tracks) and {33, 4, 81} <= {t.program for t in e.music.tracks if not t.is_drum}
     if tok.config.use_tempos: assert len(e.music.tempos) == 3
     if tok.config.use_time_signatures: assert len(e.music.time_signatures) == 3
@@ -117,7 +118,7 @@ def test_rounded_ticks_are_reported_and_logged(tmp_path, caplog):
     shifted = Music(music.tpq, [Track(t.program, t.is_drum, t.name, t.pitch, t.start + music.tpq // 16, t.duration, t.velocity)
                                 for t in music.tracks], music.tempos, music.time_signatures)   # onsets on odd 64ths
     with caplog.at_level(logging.INFO, logger="kelly.exporters"):
-        e = ids_to_midi(tok, tok.encode(shifted), tmp_path/"r.mid")
+        e = ids_to_midi(tok, tok.encode(shifted), path=tmp_path/"r.mid")
     assert e.ticks_rounded > 0
     assert any(r.levelno == logging.WARNING and "rounded" in r.getMessage() for r in caplog.records)
     check_three_readers(e)
@@ -145,7 +146,7 @@ def test_sampler_output_to_files(constrained, tmp_path, caplog):
     model = MusicTransformer(TransformerConfig.for_tokenizer(tok, n_layers=2, width=64, n_heads=4, max_len=64)).eval()
     gen = generate(model, tok, n=4, max_new_tokens=300, seed=0, constrained=constrained)
     with caplog.at_level(logging.INFO, logger="kelly.exporters"):
-        out = export_pieces(tok, gen, tmp_path/"gen")
+        out = export_pieces(tok, gen, out_dir=tmp_path/"gen")
     assert sorted(p.name for p in (tmp_path/"gen").iterdir()) == sorted(f"piece-{i:03d}.{x}" for i in range(4) for x in ("mid", "png"))
     for e, seq in zip(out, gen.sequences()):
         assert e.decode == tok.decode_with_report(seq)[1]           # the decoder's own report, passed on
@@ -202,8 +203,8 @@ def trained(tmp_path_factory):
         loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=tok.pad_id)
         opt.zero_grad(); loss.backward(); opt.step()
     model.eval()
-    path = save_bundle(tmp_path_factory.mktemp("runs")/"bundle", model, tok,
-                       {"steps": 30, "metrics": {"train_loss": loss.detach()}, "corpus": "bwv66.6"})
+    path = save_bundle(tmp_path_factory.mktemp("runs")/"bundle", model, tokenizer=tok,
+                       metadata={"steps": 30, "metrics": {"train_loss": loss.detach()}, "corpus": "bwv66.6"})
     return model, tok, ids, path
 
 
@@ -273,7 +274,7 @@ def test_file_names_outside_the_bundle_refused(trained, tmp_path):
 
 def test_compiled_model_is_unwrapped(trained, tmp_path):
     model, tok, ids, _ = trained
-    p = save_bundle(tmp_path/"b", torch.compile(model), tok)
+    p = save_bundle(tmp_path/"b", torch.compile(model), tokenizer=tok)
     assert "_orig_mod" not in "".join(load_bundle(p).model.state_dict())
 
 
@@ -281,7 +282,7 @@ def test_bfloat16_weights_keep_their_dtype(trained, tmp_path):
     model, tok, ids, _ = trained
     half = MusicTransformer(model.config).to(torch.bfloat16).eval()
     half.load_state_dict(model.state_dict())
-    b = load_bundle(save_bundle(tmp_path/"b", half, tok))
+    b = load_bundle(save_bundle(tmp_path/"b", half, tokenizer=tok))
     assert b.model.embed.weight.dtype == torch.bfloat16 and b.manifest["model"]["dtype"] == "bfloat16"
     sd, sd2 = half.state_dict(), b.model.state_dict()
     assert all(sd2[k].dtype == torch.bfloat16 and torch.equal(sd[k], sd2[k]) for k in sd)
@@ -292,7 +293,7 @@ def test_bfloat16_weights_keep_their_dtype(trained, tmp_path):
 def test_cuda_save_and_load(trained, tmp_path):
     model, tok, ids, _ = trained
     gpu = MusicTransformer(model.config).cuda().eval(); gpu.load_state_dict(model.state_dict())
-    b = load_bundle(save_bundle(tmp_path/"b", gpu, tok), device="cuda")
+    b = load_bundle(save_bundle(tmp_path/"b", gpu, tokenizer=tok), device="cuda")
     assert b.model.embed.weight.is_cuda
     with torch.inference_mode(): torch.testing.assert_close(b.model(ids[None, :64].cuda()).cpu(), model(ids[None, :64]))
 
@@ -344,7 +345,7 @@ def test_sigkill_during_overwrite_never_loses_the_bundle(tmp_path):
     assert seen <= {1, 2}
     assert mid_write >= 1   # at least one kill landed while files were being written (the loop does little else)
     # the next save cleans what the killed ones left
-    save_bundle(path, b.model, b.tokenizer, overwrite=True)
+    save_bundle(path, b.model, tokenizer=b.tokenizer, overwrite=True)
     assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -356,7 +357,7 @@ def test_onnx_export_of_trained_bundle_model(trained, tmp_path):
     from kelly.exporters import export_onnx
     _, tok, ids, path = trained
     b = load_bundle(path)
-    p = export_onnx(b.model, tmp_path/"m.onnx", b.tokenizer)
+    p = export_onnx(b.model, tmp_path/"m.onnx", tokenizer=b.tokenizer)
     x = torch.stack([ids[i:i + 256] for i in (0, 50, 100, 150)])
     got = onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"ids": x.numpy()})[0]
     with torch.inference_mode(): want = b.model(x).numpy()
@@ -369,7 +370,7 @@ def test_onnx_check_failure_keeps_existing_file(trained, tmp_path):
     model, tok, _, _ = trained
     p = tmp_path/"m.onnx"; p.write_bytes(b"previous export")
     with pytest.raises(ExportError, match=f"{p}: onnxruntime's logits differ"):
-        export_onnx(model, p, tok, atol=0.0)    # fp32 kernels differ in the last bits, so nothing passes 0
+        export_onnx(model, p, tokenizer=tok, atol=0.0)    # fp32 kernels differ in the last bits, so nothing passes 0
     assert p.read_bytes() == b"previous export" and [q.name for q in tmp_path.iterdir()] == ["m.onnx"]
 
 

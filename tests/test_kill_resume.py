@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from kelly.callbacks import list_checkpoints
+from kelly.checkpoints import list_checkpoints
 
 SCRIPT = str(ROOT/"tests"/"tiny_train.py")
 RUN_TIMEOUT_S = 300

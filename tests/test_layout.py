@@ -40,3 +40,62 @@ def test_readme_names_three_commands():
     readme = (ROOT/"README.md").read_text()
     assert 'pip install -e ".[dev]" -c constraints.txt' in readme
     assert "\npytest\n" in readme
+
+
+NUMBER_RE = re.compile(r"^(\d+[a-z]?)_")
+
+
+def _module_numbers() -> dict[str, str]:
+    "module name -> its notebook's number (e.g. 'callbacks' -> '11b')"
+    return {mod: NUMBER_RE.match(nb).group(1) for mod, nb in _default_exps().items() if NUMBER_RE.match(nb)}
+
+
+def test_modules_import_only_lower_numbered_notebooks():
+    "Notebook order is import order: a module may import only modules of lower-numbered notebooks (so no cycle)."
+    import ast
+    nums, bad = _module_numbers(), []
+    for mod, n in nums.items():
+        tree = ast.parse((ROOT/"kelly"/f"{mod}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                dep = (node.module or "").removeprefix("kelly.") if node.level == 0 and (node.module or "").startswith("kelly.") else \
+                      (node.module or "") if node.level == 1 else None
+            elif isinstance(node, ast.Import):
+                dep = next((a.name.removeprefix("kelly.") for a in node.names if a.name.startswith("kelly.")), None)
+            else: continue
+            if dep and dep.split(".")[0] in nums and nums[dep.split(".")[0]] >= n and dep.split(".")[0] != mod:
+                bad.append(f"{mod} ({n}) imports {dep} ({nums[dep.split('.')[0]]})")
+    assert not bad, "modules importing a later notebook's module: " + "; ".join(bad)
+    assert len(set(nums.values())) == len(nums), f"two notebooks share a number: {nums}"
+
+
+def _signature_comment_on_return_line(path):
+    "Functions whose last parameter shares its line with `) -> R:` and a comment: docments reads it as the return's."
+    import ast, io, tokenize
+    src = path.read_text()
+    comments = {t.start[0] for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    out = []
+    for node in ast.walk(ast.parse(src)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.returns is None: continue
+        a = node.args
+        ps = [*a.posonlyargs, *a.args, *([a.vararg] if a.vararg else []), *a.kwonlyargs, *([a.kwarg] if a.kwarg else [])]
+        ps = [p for p in ps if p.arg not in ("self", "cls")]
+        if not ps: continue
+        ends = [p.end_lineno for p in ps] + [d.end_lineno for d in [*a.defaults, *a.kw_defaults] if d is not None]
+        if max(ends) == node.returns.lineno and node.returns.lineno in comments:
+            out.append(f"{path.name}:{node.returns.lineno} {node.name}")
+    return out
+
+
+def test_no_parameter_comment_is_documented_as_the_return():
+    bad = [b for py in sorted((ROOT/"kelly").glob("*.py")) for b in _signature_comment_on_return_line(py)]
+    assert not bad, "a parameter's comment sits after `) -> R:` (docments documents it as the return value): " + ", ".join(bad)
+
+
+def test_the_return_check_catches_the_pattern(tmp_path):
+    "The check above can fail: the pattern it looks for, written to a file, is found."
+    f = tmp_path/"m.py"
+    f.write_text("def stream(model, *, top_k: int = 0) -> list:  # SamplingConfig fields\n    return []\n")
+    assert _signature_comment_on_return_line(f) == ["m.py:1 stream"]
+    f.write_text("def stream(model,  # the model\n           top_k: int = 0,  # how many\n           ) -> list:\n    return []\n")
+    assert _signature_comment_on_return_line(f) == []

@@ -1,6 +1,6 @@
 """Sampler checks at full size and at scale, and smoke runs of the sampling and training benchmarks.
 
-The notebooks (05_models, 10_samplers) test every piece on tiny models; these tests repeat the key claims on
+The notebooks (05_models, 08_samplers) test every piece on tiny models; these tests repeat the key claims on
 the benchmark-size model (6 layers, width 512, 8 heads) and on more sequences than a notebook should spend
 time on.
 """

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from kelly.midi import MIDI_MAX, Music, parse_midi, save_midi, synthetic_pop_midi, from_miditoolkit
+from kelly.midi import MIDI_MAX, Music, parse_midi, save_midi, from_miditoolkit
+from kelly.test_utils import synthetic_pop_midi
 from kelly.tokenizer import DecodeReport, TokenType, Tokenizer, TokenizerConfig, _decode_reference
 
 N_RANDOM = 10_000  # uniform random sequences per configuration (the issue asks for at least 10,000)

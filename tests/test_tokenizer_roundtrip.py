@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from kelly.datasets import bach_chorales
-from kelly.midi import Music, load_midi, repair, save_midi, synthetic_piano_midi, synthetic_pop_midi
+from kelly.midi import Music, load_midi, repair, save_midi
+from kelly.test_utils import synthetic_piano_midi, synthetic_pop_midi
 from kelly.tokenizer import Tokenizer, TokenizerConfig, check_roundtrip, midi_files, tokenize_files
 
 PRIMITIVE = sorted((Path(music21.__file__).parent/"midi"/"testPrimitive").glob("*.mid"))

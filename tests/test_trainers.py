@@ -9,7 +9,10 @@ torchrun's environment, sharded WindowLoaders, DDP, metrics summed over ranks, o
 """
 import json
 import math
+import os
+import signal
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,11 +21,11 @@ from conftest import ROOT, tool
 from test_distributed import RUN_TIMEOUT_S, _env
 from train_job import CrashAt
 
-from kelly.callbacks import ReliabilityConfig, list_checkpoints, load_checkpoint
+from kelly.checkpoints import list_checkpoints, load_checkpoint
+from kelly.reliability import ReliabilityConfig
 from kelly.core import KELLY_HOME_ENV
 from kelly.datasets import LMDataConfig
 from kelly.models import TransformerConfig
-from kelly.samplers import generate
 from kelly.trainers import (CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, METRICS_FILE, OptimConfig, TrainConfig, train)
 
 SCRIPT = str(ROOT/"tests"/"train_job.py")
@@ -41,10 +44,6 @@ def small_config(runs_dir, name, bs=BS, world_size=1, dropout=0.1, sample_every=
                        reliability=ReliabilityConfig(checkpoint_every=4, keep_last=10, sample_every=sample_every, min_validity=0.0))   # untrained: judge collapse by share
 
 
-def monitor_sample(model, tokenizer):
-    return generate(model, tokenizer, n=1, max_new_tokens=32, top_k=20, seed=0, stop_at_eos=False, constrained=False).ids[0, 1:]
-
-
 @pytest.fixture(autouse=True)
 def home(kelly_home, monkeypatch):
     monkeypatch.setenv(KELLY_HOME_ENV, str(kelly_home))
@@ -52,19 +51,19 @@ def home(kelly_home, monkeypatch):
 
 
 def test_crash_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
-    a = train(small_config(tmp_path, "a", sample_every=4), sample_fn=monitor_sample, progress=False)
+    a = train(small_config(tmp_path, "a", sample_every=4), progress=False)
     assert a.metrics["valid_loss"] < math.log(a.learn.tokenizer.vocab_size)
     assert [s["step"] for s in a.metrics["samples"]] == list(range(4, EPOCHS * STEPS_PER_EPOCH + 1, 4))   # the monitor ran
 
     cfg_b = small_config(tmp_path, "b", sample_every=4)
     with pytest.raises(RuntimeError, match=f"crash at step {CRASH_STEP}"):
-        train(cfg_b, sample_fn=monitor_sample, cbs=[CrashAt(CRASH_STEP)], progress=False)
+        train(cfg_b, cbs=[CrashAt(CRASH_STEP)], progress=False)
     b_dir = tmp_path/"b"
     assert not (b_dir/METRICS_FILE).exists()
     assert [p.name for p in list_checkpoints(b_dir/CHECKPOINT_DIR)][-1] == "step-000000008.pt"
     assert [r.split(",")[0] for r in (b_dir/HISTORY_FILE).read_text().splitlines()[1:]] == ["0"]   # epoch 0 logged before the crash
 
-    b = train(TrainConfig.load(b_dir/CONFIG_FILE), resume=True, sample_fn=monitor_sample, progress=False)
+    b = train(TrainConfig.load(b_dir/CONFIG_FILE), resume=True, progress=False)
     assert b.run_dir == b_dir and b.metrics["resumed_from"] == str(b_dir/CHECKPOINT_DIR/"step-000000008.pt")
     assert b.metrics["steps"] == a.metrics["steps"] == EPOCHS * STEPS_PER_EPOCH
     for (k, p), q in zip(a.learn.model.state_dict().items(), b.learn.model.state_dict().values()): assert torch.equal(p, q), k
@@ -116,20 +115,22 @@ def test_two_processes_under_torchrun_train_what_one_process_trains(tmp_path, ho
     assert state["world_size"] == 2 and state["config"]["class"] == "TrainConfig"
 
 
-def test_unequal_validation_shards_fail_fast_instead_of_hanging(tmp_path, home):
-    """An odd number of validation windows with a per-rank batch of half of them: rank 0 would run 2 validation
-    batches and rank 1 one, and fastai's per-batch loss gather would wait forever. The job must end: with the
-    trainer's clear error before anything is written, or trained because the datasets layer evens the shards out
-    (it does: the shorter shard repeats a window), so it must train."""
+def test_unequal_validation_shards_are_evened_out_so_the_job_trains(tmp_path, home):
+    """An odd number of validation windows with a per-rank batch of half of them: split plainly, rank 0 would run 2
+    validation batches and rank 1 one, and fastai's per-batch loss gather would wait forever. The datasets layer
+    evens the shards out (the shorter shard repeats a window): both ranks get the same number of batches, and the
+    2-process job trains to the end."""
     from kelly.datasets import bach_chorales, lm_dataloaders
     from kelly.tokenizer import Tokenizer
     cfg = small_config(tmp_path/"runs", "uneven", world_size=2)
     tok, corpus = Tokenizer(cfg.tokenizer), bach_chorales(N_PIECES, progress=False)
     for stride in range(64, 32, -1):   # a validation stride giving an odd number of windows
         data = cfg.data.override(f"valid_stride={stride}")
-        n = len(lm_dataloaders(corpus, tok, data, progress=False).valid.dataset)
+        n = len(lm_dataloaders(corpus, tok, config=data, progress=False).valid.dataset)
         if n % 2 and n >= 3: break
     else: pytest.fail("no stride gives an odd number of validation windows")
+    per_rank = [len(lm_dataloaders(corpus, tok, config=data.override(f"bs={n // 2}"), rank=rank, world_size=2, progress=False).valid) for rank in (0, 1)]
+    assert per_rank[0] == per_rank[1] == 2, per_rank   # 2 batches each, the shorter shard padded
     cfg = TrainConfig.from_dict({**cfg.to_dict(), "data": data.override(f"bs={n // 2}", f"windows_per_epoch={2 * STEPS_PER_EPOCH * (n // 2)}").to_dict()})
     cfg.save(tmp_path/"uneven.yaml")
     cmd = [tool("torchrun"), "--standalone", "--nproc_per_node=2", SCRIPT, str(tmp_path/"uneven.yaml"), "--report", str(tmp_path/"report"), "--distributed"]
@@ -137,3 +138,41 @@ def test_unequal_validation_shards_fail_fast_instead_of_hanging(tmp_path, home):
     # the datasets layer pads the shorter validation shard, so the job trains instead of hanging
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.loads((tmp_path/"report"/"rank0.json").read_text())["metrics"]["world_size"] == 2
+
+
+def _train_job(cfg_path, report, *args, log):
+    with open(log, "w") as err:
+        return subprocess.Popen([sys.executable, SCRIPT, str(cfg_path), "--report", str(report), *args], cwd=ROOT, env=_env(),
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+
+
+def test_sigkill_then_resume_the_music_transformer_is_bitwise(tmp_path, home):
+    """The music model on real chorales (augmentation, dropout and the sample monitor on), SIGKILLed while paused after
+    step 10 (its newest checkpoint is step 8's), resumed from its run folder: the final weights equal, bit for bit,
+    those of the same job never stopped. Both runs are separate processes with the same environment."""
+    from test_kill_resume import _wait_for
+    runs = tmp_path/"runs"
+    for name in ("whole", "killed"): small_config(runs, name, sample_every=4).save(tmp_path/f"{name}.yaml")
+    whole = _train_job(tmp_path/"whole.yaml", tmp_path/"r_whole", log=tmp_path/"whole.log")
+    assert whole.wait(timeout=RUN_TIMEOUT_S) == 0, (tmp_path/"whole.log").read_text()[-4000:]
+
+    killed = _train_job(tmp_path/"killed.yaml", tmp_path/"r_killed", "--pause-at", str(CRASH_STEP), log=tmp_path/"killed.log")
+    try:
+        _wait_for(killed, f"PAUSED {CRASH_STEP}", RUN_TIMEOUT_S)
+        os.kill(killed.pid, signal.SIGKILL)
+        assert killed.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if killed.poll() is None: killed.kill()
+    run = runs/"killed"
+    assert not (tmp_path/"r_killed").exists() and not (run/METRICS_FILE).exists()     # it died before finishing
+    assert list_checkpoints(run/CHECKPOINT_DIR)[-1].name == "step-000000008.pt"
+
+    resumed = _train_job(run/CONFIG_FILE, tmp_path/"r_killed", "--resume", log=tmp_path/"resumed.log")
+    assert resumed.wait(timeout=RUN_TIMEOUT_S) == 0, (tmp_path/"resumed.log").read_text()[-4000:]
+    a, b = (json.loads((tmp_path/r/"rank0.json").read_text()) for r in ("r_whole", "r_killed"))
+    assert b["metrics"]["resumed_from"] == str(run/CHECKPOINT_DIR/"step-000000008.pt")
+    assert a["metrics"]["steps"] == b["metrics"]["steps"] == EPOCHS * STEPS_PER_EPOCH
+    wa, wb = (torch.load(tmp_path/r/"weights.pt", weights_only=True) for r in ("r_whole", "r_killed"))
+    assert wa.keys() == wb.keys()
+    for k in wa: assert torch.equal(wa[k], wb[k]), f"{k} differs after SIGKILL + resume"
+    assert a["weights"] == b["weights"]

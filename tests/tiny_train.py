@@ -3,7 +3,7 @@
     python tests/tiny_train.py --dir CKPT --report OUT [--resume] [--pause-at STEP] [--weights FILE] ...
     torchrun --standalone --nproc_per_node=2 tests/tiny_train.py --distributed --dir CKPT --report OUT ...
 
-It trains `kelly.callbacks.synth_learner` (a small MLP on a seeded regression, Adam, one-cycle) with the callbacks
+It trains `kelly.test_utils.synth_learner` (a small MLP on a seeded regression, Adam, one-cycle) with the callbacks
 a long run uses: Precision, Checkpoint (every N steps + epoch ends, optional resume), Rollback, and, with
 --distributed, DistributedTraining (gloo on the CPU). Each rank writes OUT/rank<r>.json: the global training loss
 of every step, the validation losses, the checkpoints it wrote and where it resumed from. Rank 0 saves the final
@@ -23,8 +23,10 @@ import torch
 import torch.distributed as dist
 from fastai.callback.core import Callback
 
-from kelly.callbacks import (Checkpoint, DistributedTraining, Precision, Rollback, distributed_session, get_rank,
-                             get_world_size, synth_learner)
+from kelly.callbacks import DistributedTraining, Precision
+from kelly.distributed import distributed_session, get_rank, get_world_size
+from kelly.reliability import Checkpoint, Rollback
+from kelly.test_utils import synth_learner
 from kelly.core import setup_logging
 
 PAUSE_S = 600  # how long --pause-at waits to be killed
@@ -71,7 +73,7 @@ class PauseAt(Callback):
 def pause_in_save(step: int):
     "Make the checkpoint write of global step `step` stop half way (bytes in atomic_write's temp file, no rename yet)."
     import io
-    import kelly.callbacks as kc
+    import kelly.reliability as kc   # the Checkpoint callback looks save_checkpoint up there
     from kelly.core import atomic_write
     real_save = kc.save_checkpoint
     def half_save(state, path):
@@ -129,7 +131,7 @@ def train(args) -> dict:
     if args.pause_at: cbs.append(PauseAt(args.pause_at))
     if args.pause_in_save: pause_in_save(args.pause_in_save)
     if args.nan_at: cbs.append(NanAt(args.nan_at))
-    learn = synth_learner(args.n_train, args.n_valid, args.bs, args.seed, args.dropout, args.augment, args.lr, cbs=cbs)
+    learn = synth_learner(args.n_train, args.n_valid, bs=args.bs, seed=args.seed, dropout=args.dropout, augment=args.augment, lr=args.lr, cbs=cbs)
     learn.fit_one_cycle(args.epochs, args.lr)
     report = {"rank": get_rank(), "world_size": get_world_size(), "losses": learn.record_losses.losses,
               "valid": [row[1] for row in learn.recorder.values if len(row) > 1],

@@ -1,22 +1,24 @@
 """Run `kelly.trainers.train` from a config file, in one process or in each process of a torchrun job.
 
-    python tests/train_job.py CONFIG --report DIR [--resume] [--crash-at STEP]
+    python tests/train_job.py CONFIG --report DIR [--resume] [--crash-at STEP] [--pause-at STEP]
     torchrun --standalone --nproc_per_node=2 tests/train_job.py CONFIG --report DIR --distributed
 
 Driven by tests/test_trainers.py (not collected by pytest itself). Each rank writes DIR/rank<r>.json: the run
 folder, the final metrics and a SHA-256 of its final weights; rank 0 also writes DIR/weights.pt. --crash-at S
-raises an error after training step S (its update and checkpoint done), as a crash would.
+raises an error after training step S (its update and checkpoint done), as a crash would; --pause-at S prints
+"PAUSED S" on stdout after step S and sleeps, so a test can SIGKILL the process at a known point.
 """
 import argparse
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 from fastai.callback.core import Callback
 
-from kelly.callbacks import get_rank, setup_rank_logging
+from kelly.distributed import get_rank, setup_rank_logging
 from kelly.trainers import TrainConfig, train
 
 
@@ -28,6 +30,21 @@ class CrashAt(Callback):
 
     def after_batch(self):
         if self.training and self.learn.train_iter == self.step: raise RuntimeError(f"crash at step {self.step}")
+
+
+PAUSE_S = 600  # how long --pause-at waits to be killed
+
+
+class PauseAt(Callback):
+    "After global training step `step` (its update and checkpoint done), say so on stdout and wait to be killed."
+    order = 99
+
+    def __init__(self, step: int): self.step = step
+
+    def after_batch(self):
+        if self.training and self.learn.train_iter == self.step:
+            print(f"PAUSED {self.step}", flush=True)
+            time.sleep(PAUSE_S)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -43,9 +60,11 @@ def main():
     ap.add_argument("--distributed", action="store_true")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--crash-at", type=int, default=None)
+    ap.add_argument("--pause-at", type=int, default=None)
     args = ap.parse_args()
     setup_rank_logging("INFO", stream=sys.stderr)
     cbs = [CrashAt(args.crash_at)] if args.crash_at is not None else []
+    if args.pause_at is not None: cbs.append(PauseAt(args.pause_at))
     res = train(TrainConfig.load(args.config), distributed=args.distributed, resume=args.resume, cbs=cbs, progress=False)
     rank = get_rank() if args.distributed else 0
     args.report.mkdir(parents=True, exist_ok=True)
