@@ -8,45 +8,22 @@ __all__ = ['CANCEL_EXCEPTIONS', 'INNER_LOOP_EVENTS', 'DEFAULT_MAX_ERRORS', 'PREC
            'DistributedTraining', 'Throughput']
 
 # %% ../nbs/11b_callbacks.ipynb #758eefba
-import dataclasses
 import logging
-import math
-import os
-import random
-import re
-import statistics
-import tempfile
 import time
-from collections import OrderedDict, deque
-from contextlib import contextmanager
-from datetime import timedelta
-from pathlib import Path
-from typing import Any, Callable, Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
-import fastai
-import numpy as np
 import torch
 import torch.distributed as dist
 from fastai.callback.core import (Callback, CancelBackwardException, CancelBatchException, CancelEpochException,
-                                  CancelFitException, CancelStepException, CancelTrainException,
-                                  CancelValidException)
+                                  CancelFitException, CancelStepException, CancelTrainException, CancelValidException)
 from fastai.callback.progress import ProgressCallback
-from fastai.callback.schedule import ParamScheduler  # also patches Learner.fit_one_cycle
-from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
-from fastai.distributed import DistributedDL
-from fastai.learner import Learner, ValueMetric
-from fastai.losses import MSELossFlat
-from fastai.optimizer import Adam, Optimizer
-from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib, to_detach, to_float
+from fastai.learner import ValueMetric
+from fastai.torch_core import to_float
 from fastcore.basics import getcallable, noop
-from fastcore.foundation import L
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import kelly
-from .core import (Config, ConfigError, KellyError, atomic_write, capture_rng_state, cuda_device_ids, pick_device,
-                        restore_rng_state, seed_everything, setup_logging, sha256_file)
+from .core import cuda_device_ids
 from .checkpoints import CallbackError
 from .distributed import DistributedError, get_rank, get_world_size, is_main_process, shard_loader
 

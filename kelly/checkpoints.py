@@ -9,45 +9,23 @@ __all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'SIDECAR_SUFFIX', 'Callbac
            'restore_data_state', 'restore_model_optimizer']
 
 # %% ../nbs/11_checkpoints.ipynb #44a15717
-import dataclasses
 import logging
-import math
 import os
-import random
 import re
-import statistics
-import tempfile
-import time
-from collections import OrderedDict, deque
-from contextlib import contextmanager
-from datetime import timedelta
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Literal, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
-import fastai
 import numpy as np
 import torch
-import torch.distributed as dist
-from fastai.callback.core import (Callback, CancelBackwardException, CancelBatchException, CancelEpochException,
-                                  CancelFitException, CancelStepException, CancelTrainException,
-                                  CancelValidException)
-from fastai.callback.progress import ProgressCallback
-from fastai.callback.schedule import ParamScheduler  # also patches Learner.fit_one_cycle
-from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
-from fastai.distributed import DistributedDL
-from fastai.learner import Learner, ValueMetric
-from fastai.losses import MSELossFlat
-from fastai.optimizer import Adam, Optimizer
-from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib, to_detach, to_float
-from fastcore.basics import getcallable, noop
+from fastai.learner import Learner
+from fastai.optimizer import Optimizer
+from fastai.torch_core import get_model
 from fastcore.foundation import L
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-import kelly
-from .core import (Config, ConfigError, KellyError, atomic_write, capture_rng_state, cuda_device_ids, pick_device,
-                        restore_rng_state, seed_everything, setup_logging, sha256_file)
+from .core import KellyError, atomic_write, sha256_file
 
 # %% ../nbs/11_checkpoints.ipynb #3a756627
 _log = logging.getLogger(__name__)

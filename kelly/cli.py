@@ -52,6 +52,7 @@ def config_fields(cls: type,  # a `Config` dataclass
 
 def add_config_flags(parser: argparse.ArgumentParser,  # where the flags go
                      cls: type,  # the `Config` dataclass they describe
+                     *,
                      title: str | None = None,  # heading of the flag group in `--help`
                      skip: tuple[str, ...] = (),  # dotted names that get no flag (values derived from others)
                      base=None):  # the config the flags start from, shown as defaults (default: `cls()`)
@@ -140,7 +141,7 @@ def _add_tokenize(sub):
     p.add_argument("--cache", type=Path, default=None, metavar="DIR", help="cache folder (default: under $KELLY_HOME/token_cache)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stdout is not a terminal)")
-    add_config_flags(p, TokenizerConfig, "tokenizer settings")
+    add_config_flags(p, TokenizerConfig, title="tokenizer settings")
     p.set_defaults(func=cmd_tokenize)
 
 # %% ../nbs/14_cli.ipynb #85433162
@@ -186,7 +187,7 @@ def cmd_generate(args,  # parsed arguments of `kelly generate`
     bundle = load_bundle(path, device=args.device)
     prompt = midi_prompt(bundle.tokenizer, args.prompt, args.prompt_tokens) if args.prompt is not None else None
     gen = generate(bundle.model, bundle.tokenizer, prompt=prompt, n=args.n, config=sampling)
-    exports = export_pieces(bundle.tokenizer, gen, args.out, prefix=args.prefix, piano_rolls=not args.no_piano_roll)
+    exports = export_pieces(bundle.tokenizer, gen, out_dir=args.out, prefix=args.prefix, piano_rolls=not args.no_piano_roll)
     print(f"model: {Path(path)} (seed {sampling.seed})", file=out)
     for e in exports: print(e, file=out)
     return 0
@@ -209,7 +210,7 @@ def _add_generate(sub):
     p.add_argument("--prompt_tokens", type=int, default=None, metavar="N", help="use only the prompt's first N tokens [all]")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps or auto [cpu]")
     p.add_argument("--no_piano_roll", action="store_true", help="write MIDI files only")
-    add_config_flags(p, SamplingConfig, "sampling settings", base=CLI_SAMPLING)
+    add_config_flags(p, SamplingConfig, title="sampling settings", base=CLI_SAMPLING)
     p.set_defaults(func=cmd_generate)
 
 @subcommand
@@ -248,7 +249,7 @@ def cmd_train(args,  # parsed arguments of `kelly train`
     if args.samples:
         gen = generate(learn.model.eval(), learn.tokenizer, n=args.samples, config=CLI_SAMPLING,
                        max_new_tokens=args.sample_tokens, seed=config.seed)
-        for e in export_pieces(learn.tokenizer, gen, run_dir/SAMPLES_DIR): print(e, file=out)
+        for e in export_pieces(learn.tokenizer, gen, out_dir=run_dir/SAMPLES_DIR): print(e, file=out)
     return 0
 
 @subcommand
@@ -261,7 +262,7 @@ def _add_train(sub):
     p.add_argument("--samples", type=int, default=4, help="pieces to generate into <run>/samples after training (0: none) [4]")
     p.add_argument("--sample_tokens", type=int, default=512, help="tokens per sample piece [512]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_flags(p, TrainConfig, "training settings", skip=DERIVED_TRAIN_KEYS)
+    add_config_flags(p, TrainConfig, title="training settings", skip=DERIVED_TRAIN_KEYS)
     p.set_defaults(func=cmd_train)
 
 # %% ../nbs/14_cli.ipynb #33809da8
@@ -285,7 +286,7 @@ def _add_evaluate(sub):
     p.add_argument("-n", type=int, default=32, help="pieces with and without constraints [32]")
     p.add_argument("--corpus", type=Path, default=None, metavar="DIR", help="the corpus to compare with (default: the bundle's training corpus)")
     p.add_argument("--report", type=Path, default=None, metavar="FILE", help=f"where the JSON report goes [<run>/{QUALITY_REPORT}]")
-    add_config_flags(p, SamplingConfig, "sampling settings", base=CLI_SAMPLING.override("seed=0"))
+    add_config_flags(p, SamplingConfig, title="sampling settings", base=CLI_SAMPLING.override("seed=0"))
     p.set_defaults(func=cmd_evaluate)
 
 # %% ../nbs/14_cli.ipynb #a3e5feda

@@ -31,7 +31,7 @@ from fastai.data.load import DataLoader
 from fastprogress.fastprogress import progress_bar
 
 from .core import Config, ConfigError, KellyError, atomic_write, get_logger, kelly_path, sha256_file, write_json
-from .tokenizer import MIDI_SUFFIXES, default_workers, tokenize_files
+from .tokenizer import MIDI_SUFFIXES, Tokenizer, default_workers, tokenize_files
 
 # %% ../nbs/04_datasets.ipynb #12a88afc
 logger = get_logger("kelly.datasets")   # the same logger in the notebook and in the module
@@ -114,6 +114,7 @@ def _bach_is_complete(folder: Path, manifest: dict | None, limit: int | None) ->
 
 def bach_chorales(limit: int | None = None,  # build only the first `limit` pieces (a small, fast corpus)
                   folder: str | os.PathLike | None = None,  # where to build (default: `kelly_path("corpora", ...)`)
+                  *,
                   workers: int | None = None,  # processes converting scores (default: every core)
                   progress: bool = True,  # show a fastprogress bar
                   ) -> Path:
@@ -242,6 +243,7 @@ def _walk_files(root: Path, recursive: bool):
 # %% ../nbs/04_datasets.ipynb #3bd42759
 def split_by_piece(names: Sequence[str],  # file names (e.g. `MidiCorpus.names` or `TokenCache.names`)
                    valid_frac: float = 0.1,  # fraction of pieces held out for validation, in [0, 1)
+                   *,
                    seed: int = 0,  # a different seed gives a different split
                    piece_of: Callable[[str], str] | None = None,  # file name → piece name (default: the file is the piece)
                   ) -> tuple[np.ndarray, np.ndarray]:
@@ -314,7 +316,7 @@ class TokenCache:
 
     @classmethod
     def for_corpus(cls, corpus: "MidiCorpus | str | os.PathLike",  # a corpus or its folder
-                   tokenizer,  # a `kelly.tokenizer.Tokenizer`
+                   tokenizer: Tokenizer,  # a `kelly.tokenizer.Tokenizer`
                    folder: str | os.PathLike | None = None,  # cache folder (default: `default_cache_folder`)
                    workers: int | None = None,  # tokenizing processes (default: every core)
                    progress: bool = True,  # show a progress bar while tokenizing
@@ -441,7 +443,7 @@ def _build_cache(folder: Path, corpus: MidiCorpus, tokenizer, index: dict, worke
     fd, tmp = tempfile.mkstemp(prefix=".tokens-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            for name, (_, ids, error) in zip(corpus.names, _progress(tokenize_files(tokenizer, corpus.paths, workers), len(corpus), progress)):
+            for name, (_, ids, error) in zip(corpus.names, _progress(tokenize_files(tokenizer, corpus.paths, workers=workers), len(corpus), progress)):
                 if error is not None:
                     skipped.append([name, error])
                     continue
@@ -556,7 +558,8 @@ class CounterRNG:
 class TokenWindows:
     "Windows of `seq_len + 1` ids over documents of a `TokenCache`, each framed `[bos] ids [eos]` and padded with `pad_id`."
     def __init__(self, cache: TokenCache,  # the tokenized corpus
-                 tokenizer,  # the tokenizer that built `cache` (supplies bos/eos/pad ids)
+                 tokenizer: Tokenizer,  # the tokenizer that built `cache` (supplies bos/eos/pad ids)
+                 *,
                  seq_len: int,  # tokens per training example (x and y each have `seq_len`)
                  docs: Sequence[int] | None = None):  # indices of the cache's documents to use (default: all)
         if cache.tokenizer_hash != tokenizer.hash:
@@ -616,7 +619,7 @@ class AugmentConfig(Config):
 
 class Augmentation:
     "Token-level transposition, velocity and tempo scaling; every draw is a pure function of `(seed, epoch, index)`."
-    def __init__(self, tokenizer,  # supplies the vectorised token helpers (`transpose_range`, `transpose`, ...)
+    def __init__(self, tokenizer: Tokenizer,  # supplies the vectorised token helpers (`transpose_range`, `transpose`, ...)
                  config: AugmentConfig | None = None,  # how much to vary (default: `AugmentConfig()`)
                  seed: int = 0):  # seeds every draw
         self.tokenizer, self.config, self.rng = tokenizer, config or AugmentConfig(), CounterRNG(seed)
@@ -670,14 +673,14 @@ def _anchor_starts(cache: TokenCache, docs: np.ndarray, anchor_id: int) -> tuple
 
 class RandomWindows(TokenWindows):
     "Training windows drawn uniformly among all windows of the selected documents, optionally augmented."
-    def __init__(self, cache: TokenCache, tokenizer, seq_len: int,
+    def __init__(self, cache: TokenCache, tokenizer, *, seq_len: int,
                  docs: Sequence[int] | None = None,  # indices of the cache's documents (default: all)
                  seed: int = 0,  # seeds which windows are drawn
                  windows_per_epoch: int | None = None,  # default: enough windows to cover the selected tokens once
                  augment: Augmentation | None = None,  # varies each window on the fly
                  anchor_id: int | None = None,  # start windows only at bos or at this token (e.g. `tokenizer.bar_id`)
                  opening_share: float = 0.0):  # this share of windows starts at a piece's bos
-        super().__init__(cache, tokenizer, seq_len, docs)
+        super().__init__(cache, tokenizer, seq_len=seq_len, docs=docs)
         if not 0 <= opening_share <= 1: raise DatasetError(f"opening_share must be in [0, 1], got {opening_share}")
         self.rng, self.augment, self.anchor_id, self.opening_share = CounterRNG(seed), augment, anchor_id, float(opening_share)
         if anchor_id is None: self.cum_starts = np.cumsum(np.maximum(self.framed_lengths - self.seq_len, 1))
@@ -734,10 +737,10 @@ def _check_same(ds: TokenWindows, state: dict, kind: str):
 # %% ../nbs/04_datasets.ipynb #919010ef
 class SlidingWindows(TokenWindows):
     "Validation windows: every selected document in steps of `stride`, deterministic."
-    def __init__(self, cache: TokenCache, tokenizer, seq_len: int,
+    def __init__(self, cache: TokenCache, tokenizer, *, seq_len: int,
                  docs: Sequence[int] | None = None,  # indices of the cache's documents (default: all)
                  stride: int | None = None):  # step between window starts (default: `seq_len`)
-        super().__init__(cache, tokenizer, seq_len, docs)
+        super().__init__(cache, tokenizer, seq_len=seq_len, docs=docs)
         self.stride = int(stride or self.seq_len)
         if not 1 <= self.stride <= self.seq_len: raise DatasetError(f"stride must be in [1, seq_len={self.seq_len}], got {stride}")
         self.cum_counts = np.cumsum(-(-(self.framed_lengths - 1) // self.stride))   # ceil((n - 1) / stride) per document
@@ -768,6 +771,7 @@ class WindowLoader(DataLoader):
     "A fastai `DataLoader` over `RandomWindows`/`SlidingWindows` with explicit epoch, position and rank shard."
     def __init__(self, dataset: TokenWindows | None = None,  # the windows to batch
                  bs: int = 16,  # windows per batch (per rank)
+                 *,
                  rank: int = 0,  # this process' rank in a distributed job
                  world_size: int = 1,  # number of processes sharing the data
                  epoch: int = 0,  # epoch to start in
@@ -853,7 +857,8 @@ class LMDataConfig(Config):
         if not 0 <= self.opening_share <= 1: raise ConfigError(f"opening_share must be in [0, 1], got {self.opening_share}")
 
 def lm_dataloaders(source: "str | os.PathLike | MidiCorpus | TokenCache",  # corpus folder, corpus or token cache
-                   tokenizer,  # a `kelly.tokenizer.Tokenizer`: ids, special tokens and augmentation helpers
+                   tokenizer: Tokenizer,  # a `kelly.tokenizer.Tokenizer`: ids, special tokens and augmentation helpers
+                   *,
                    config: LMDataConfig | None = None,  # windows, batches, split and augmentation settings
                    rank: int = 0,  # this process' rank (distributed training)
                    world_size: int = 1,  # number of processes
@@ -866,12 +871,12 @@ def lm_dataloaders(source: "str | os.PathLike | MidiCorpus | TokenCache",  # cor
     "fastai `DataLoaders` of `(x, y)` int64 `[bs, seq_len]` batches, `y` = `x` shifted by one, padded with `tokenizer.pad_id`."
     config = config or LMDataConfig()
     cache = source if isinstance(source, TokenCache) else TokenCache.for_corpus(source, tokenizer, cache_folder, workers, progress)
-    train_docs, valid_docs = split_by_piece(cache.names, config.valid_frac, config.seed, piece_of)
+    train_docs, valid_docs = split_by_piece(cache.names, config.valid_frac, seed=config.seed, piece_of=piece_of)
     augment = Augmentation(tokenizer, config.augment, config.seed) if config.augment is not None else None
     anchor = int(tokenizer.bar_id) if config.bar_aligned else None
-    train = RandomWindows(cache, tokenizer, config.seq_len, train_docs, config.seed, config.windows_per_epoch, augment, anchor,
-                          config.opening_share)
-    valid = SlidingWindows(cache, tokenizer, config.seq_len, valid_docs, config.valid_stride)
+    train = RandomWindows(cache, tokenizer, seq_len=config.seq_len, docs=train_docs, seed=config.seed, windows_per_epoch=config.windows_per_epoch, augment=augment, anchor_id=anchor,
+                          opening_share=config.opening_share)
+    valid = SlidingWindows(cache, tokenizer, seq_len=config.seq_len, docs=valid_docs, stride=config.valid_stride)
     loaders = [WindowLoader(ds, bs=config.bs, rank=rank, world_size=world_size, num_workers=config.num_workers, device=device)
                for ds in (train, valid)]
     if len(loaders[0]) == 0:

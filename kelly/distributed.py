@@ -13,40 +13,17 @@ import logging
 import math
 import os
 import random
-import re
-import statistics
-import tempfile
-import time
-from collections import OrderedDict, deque
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Callable, Literal, NamedTuple, Sequence
+from typing import Sequence
 
-import fastai
-import numpy as np
 import torch
 import torch.distributed as dist
-from fastai.callback.core import (Callback, CancelBackwardException, CancelBatchException, CancelEpochException,
-                                  CancelFitException, CancelStepException, CancelTrainException,
-                                  CancelValidException)
-from fastai.callback.progress import ProgressCallback
-from fastai.callback.schedule import ParamScheduler  # also patches Learner.fit_one_cycle
-from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.distributed import DistributedDL
-from fastai.learner import Learner, ValueMetric
-from fastai.losses import MSELossFlat
-from fastai.optimizer import Adam, Optimizer
-from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib, to_detach, to_float
-from fastcore.basics import getcallable, noop
-from fastcore.foundation import L
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+from fastai.torch_core import num_distrib, rank_distrib, to_detach
 
-import kelly
-from .core import (Config, ConfigError, KellyError, atomic_write, capture_rng_state, cuda_device_ids, pick_device,
-                        restore_rng_state, seed_everything, setup_logging, sha256_file)
+from .core import pick_device, setup_logging
 from .checkpoints import CallbackError, _rng_state_of_loader, _set_rng_state_of_loader
 
 # %% ../nbs/11a_distributed.ipynb #8907561c
@@ -159,6 +136,7 @@ def _gather_objects(obj) -> list:
 def shard_indices(idxs: Sequence,  # the epoch's indices, in order (the same on every rank)
                   rank: int,  # this rank
                   world_size: int,  # number of ranks
+                  *,
                   global_bs: int,  # batch size summed over ranks
                   drop_last: bool,  # drop the tail that does not fill a global batch
                   ) -> list:
@@ -209,7 +187,7 @@ class ShardedDL(DistributedDL):
         idxs = list(self.dl.get_idxs())   # every rank shuffles, so all shuffling RNGs stay in step
         if self.dl.indexed: idxs = self._broadcast(idxs, 0)   # rank 0's order wins
         self.n = len(idxs)
-        return shard_indices(idxs, self.rank, self.world_size, self.global_bs, self.drop_last)
+        return shard_indices(idxs, self.rank, self.world_size, global_bs=self.global_bs, drop_last=self.drop_last)
 
     def __len__(self):
         n = self.dl.n

@@ -126,6 +126,7 @@ def _write(music: Music, path, tpq: int, piano_roll, decoded: DecodeReport | Non
 
 def write_midi(music: Music,  # the music to write
                path: str | os.PathLike,  # the .mid file to create or replace
+               *,
                tpq: int = MIDI_TPQ,  # ticks per quarter of the file
                piano_roll: str | os.PathLike | None = None,  # also draw a piano-roll PNG here
                ) -> MidiExport:
@@ -134,6 +135,7 @@ def write_midi(music: Music,  # the music to write
 
 def ids_to_midi(tokenizer: Tokenizer,  # the tokenizer the ids come from
                 ids,  # token ids: a list, numpy array or tensor (anything `Tokenizer.decode` takes)
+                *,
                 path: str | os.PathLike,  # the .mid file to create or replace
                 tpq: int = MIDI_TPQ,  # ticks per quarter of the file
                 piano_roll: str | os.PathLike | None = None,  # also draw a piano-roll PNG here
@@ -144,6 +146,7 @@ def ids_to_midi(tokenizer: Tokenizer,  # the tokenizer the ids come from
 
 def export_pieces(tokenizer: Tokenizer,  # the tokenizer the ids come from
                   sequences,  # a `kelly.samplers.Generation`, or an iterable of id sequences
+                  *,
                   out_dir: str | os.PathLike,  # folder for the files (created)
                   prefix: str = "piece",  # file names are `<prefix>-000.mid`, `<prefix>-001.mid`, ...
                   piano_rolls: bool = True,  # also draw `<prefix>-000.png`, ...
@@ -156,7 +159,7 @@ def export_pieces(tokenizer: Tokenizer,  # the tokenizer the ids come from
     results = []
     for i, ids in enumerate(seqs):
         stem = out_dir/f"{prefix}-{i:03d}"
-        results.append(ids_to_midi(tokenizer, ids, stem.with_suffix(".mid"), tpq, stem.with_suffix(".png") if piano_rolls else None))
+        results.append(ids_to_midi(tokenizer, ids, path=stem.with_suffix(".mid"), tpq=tpq, piano_roll=stem.with_suffix(".png") if piano_rolls else None))
     return results
 
 # %% ../nbs/09_exporters.ipynb #9a71343f
@@ -203,6 +206,7 @@ def draw_piano_roll(music: Music,  # what to draw
 
 def piano_roll_figure(music: Music,  # what to draw
                       title: str | None = None,  # shown above the roll
+                      *,
                       size: tuple[float, float] = PIANO_ROLL_SIZE,  # inches
                       dpi: int = PIANO_ROLL_DPI,  # pixels per inch
                       ) -> Figure:
@@ -214,13 +218,14 @@ def piano_roll_figure(music: Music,  # what to draw
 
 def save_piano_roll(music: Music,  # what to draw
                     path: str | os.PathLike,  # the .png file to create or replace
+                    *,
                     title: str | None = None,  # shown above the roll
                     size: tuple[float, float] = PIANO_ROLL_SIZE,  # inches
                     dpi: int = PIANO_ROLL_DPI,  # pixels per inch
                     ) -> Path:
     "Write the piano roll of `music` as a PNG of `size` x `dpi` pixels, atomically."
     path = Path(path)
-    fig = piano_roll_figure(music, title, size, dpi)
+    fig = piano_roll_figure(music, title, size=size, dpi=dpi)
     with atomic_write(path, "wb") as f: fig.savefig(f, format="png", dpi=dpi)
     return path
 
@@ -340,6 +345,7 @@ def _remove_leftovers(path: Path):
 
 def save_bundle(path: str | os.PathLike,  # the bundle folder to create
                 model: torch.nn.Module,  # a trained `MusicTransformer` (DDP / compiled wrappers are unwrapped)
+                *,
                 tokenizer: Tokenizer,  # the tokenizer the model was trained with
                 metadata: dict | None = None,  # training metadata: plain JSON (steps, metrics, corpus, date, ...)
                 overwrite: bool = False,  # replace an existing bundle at `path`
@@ -539,6 +545,7 @@ def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor) -> bytes:
 
 def export_onnx(model: torch.nn.Module,  # a float32 `MusicTransformer` (wrappers are unwrapped)
                 path: str | os.PathLike,  # the .onnx file to create or replace
+                *,
                 tokenizer: Tokenizer | None = None,  # recorded in the file's metadata when given
                 atol: float = ONNX_ATOL,  # largest allowed difference from PyTorch's logits
                 seed: int = 0,  # seed of the random ids the check runs on

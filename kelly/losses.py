@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import KellyError
+from .tokenizer import Tokenizer
 
 # %% ../nbs/06_losses.ipynb #1a54824a
 class LossError(KellyError, ValueError):
@@ -21,7 +22,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 class LMLoss(nn.Module):
     "Next-token cross-entropy that ignores the tokenizer's pad positions."
-    def __init__(self, tokenizer,  # kelly Tokenizer: `pad_id` is ignored, `vocab_size` checked against the logits
+    def __init__(self, tokenizer: Tokenizer,  # kelly Tokenizer: `pad_id` is ignored, `vocab_size` checked against the logits
                  label_smoothing: float = 0.0,  # spread this much target probability over the vocabulary
                  reduction: str = "mean"):  # "mean" over real targets, "sum", or "none" ([B, T], 0 at pad)
         super().__init__()

@@ -92,7 +92,7 @@ def is_collapsed(ids,  # a token sequence
     return max_token_share(ids, tokenizer) > threshold
 
 def grammar_validity(ids,  # a token sequence
-                     tokenizer,  # whose grammar judges it
+                     tokenizer: Tokenizer,  # whose grammar judges it
                      ) -> float:
     "Fraction of valid transitions in `ids` under the tokenizer's grammar."
     return float(tokenizer.grammar.validity(np.asarray(ids)))

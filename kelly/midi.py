@@ -646,6 +646,7 @@ def _grid_floor(x: np.ndarray, offsets: np.ndarray, tpq: int) -> np.ndarray:
 
 def snap_onsets(ticks: np.ndarray,  # times to snap, in (float) ticks
                 bar_table: np.ndarray,  # `BAR_DTYPE` rows from `bars`, covering every tick
+                *,
                 offsets: np.ndarray,  # grid points inside a quarter, from `grid_offsets`
                 tpq: int,  # ticks per quarter
                 ) -> np.ndarray:
@@ -661,6 +662,7 @@ def snap_onsets(ticks: np.ndarray,  # times to snap, in (float) ticks
 
 def quantize(music: Music,  # what to quantize (left unchanged)
              grid: tuple[int, ...] = (4, 3),  # subdivisions of a quarter note; their union is the grid
+             *,
              tpq: int | None = None,  # resample to this many ticks per quarter (default: keep `music.tpq`)
              durations: np.ndarray | None = None,  # allowed durations in ticks at the new tpq (default: the grid)
              ) -> tuple[Music, QuantizeReport]:
@@ -680,7 +682,7 @@ def quantize(music: Music,  # what to quantize (left unchanged)
     tracks = []
     for t in music.tracks:
         x = t.start * scale
-        start = snap_onsets(x, bar_table, offsets, tpq)
+        start = snap_onsets(x, bar_table, offsets=offsets, tpq=tpq)
         moved = np.abs(start - x) > 1e-9
         r.onsets_moved += int(moved.sum())
         if t.n_notes: r.max_onset_shift = max(r.max_onset_shift, float(np.abs(start - x).max() / tpq))
@@ -699,7 +701,7 @@ def quantize(music: Music,  # what to quantize (left unchanged)
     tempos = music.tempos.copy()
     if len(tempos):
         x = tempos["tick"] * scale
-        tempos["tick"] = snap_onsets(x, bar_table, offsets, tpq)
+        tempos["tick"] = snap_onsets(x, bar_table, offsets=offsets, tpq=tpq)
         r.tempos_moved = int((np.abs(tempos["tick"] - x) > 1e-9).sum())
         last = np.append(tempos["tick"][1:] != tempos["tick"][:-1], True)
         r.tempos_merged = int((~last).sum()); tempos = tempos[last]

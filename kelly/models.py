@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import Config, ConfigError, KellyError
+from .tokenizer import Tokenizer
 
 # %% ../nbs/05_models.ipynb #aad7638f
 class ModelError(KellyError, ValueError):
@@ -62,7 +63,7 @@ class TransformerConfig(Config):
         if self.norm_eps <= 0 or self.init_std <= 0: raise ConfigError("config keys 'norm_eps' and 'init_std' must be positive")
 
     @classmethod
-    def for_tokenizer(cls, tokenizer,  # a kelly `Tokenizer`: supplies `vocab_size`
+    def for_tokenizer(cls, tokenizer: Tokenizer,  # a kelly `Tokenizer`: supplies `vocab_size`
                       base: "TransformerConfig | None" = None,  # the settings to start from (default: the defaults)
                       **fields):  # other fields to change, e.g. `max_len=256`
         "The one way to size a model from a tokenizer: `base` (or the defaults) with the tokenizer's `vocab_size` and `fields`."
@@ -118,6 +119,7 @@ def attention_reference(q: torch.Tensor,  # [B, H, Tq, D]
 def causal_attention(q: torch.Tensor,  # [B, H, Tq, D]
                      k: torch.Tensor,  # [B, H, Tk, D]
                      v: torch.Tensor,  # [B, H, Tk, D]
+                     *,
                      dropout_p: float = 0.0,  # dropout on attention weights (training only)
                      ) -> torch.Tensor:
     "Fused causal attention where the Tq queries are the last Tq of the Tk positions."
@@ -150,7 +152,7 @@ class CausalSelfAttention(nn.Module):
             keys[:, :, start:start + T] = k
             values[:, :, start:start + T] = v
             k, v = keys[:, :, :start + T], values[:, :, :start + T]
-        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
+        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 # %% ../nbs/05_models.ipynb #44e466d2
@@ -263,8 +265,9 @@ class MusicTransformer(nn.Module):
                                  "is the model's vocab_size the tokenizer's?")
 
     def forward(self, ids: torch.Tensor,  # token ids, int [B, T]
-                cache: KVCache | None = None):  # append to this cache and return `(logits, cache)`
-        "Logits [B, T, vocab] for every position; with a `cache`, `(logits, cache)` after appending the T positions."
+                cache: KVCache | None = None,  # append the T positions to this cache, in place
+                ) -> torch.Tensor:
+        "Logits [B, T, vocab] for every position (a `cache`, when given, is extended by the T positions in place)."
         self._check_ids(ids)
         T = ids.shape[1]
         start = 0
@@ -278,9 +281,8 @@ class MusicTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, None if cache is None else cache.layers[i], start)
         logits = self.head(self.norm(x))
-        if cache is None: return logits
-        cache.length = start + T
-        return logits, cache
+        if cache is not None: cache.length = start + T
+        return logits
 
     def new_cache(self, batch_size: int,  # sequences decoded together
                   capacity: int,  # most positions (prompt + new tokens)
@@ -353,7 +355,7 @@ class IncrementalDecoder:
                 cache: KVCache,  # cache to fill (appended to)
                 ) -> torch.Tensor:
         "Push a prompt through the model's cached forward; logits [B, vocab] of its last position."
-        return self.model(ids, cache)[0][:, -1]
+        return self.model(ids, cache)[:, -1]
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor,  # one new token per sequence, int [B]

@@ -8,49 +8,30 @@ __all__ = ['MONITOR_SAMPLE_TOKENS', 'MONITOR_TOP_K', 'TrainingDivergedError', 'i
 
 # %% ../nbs/11c_reliability.ipynb #638d6089
 import dataclasses
-from functools import partial
 import logging
 import math
 import os
-import random
-import re
 import statistics
 import tempfile
-import time
-from collections import OrderedDict, deque
-from contextlib import contextmanager
-from datetime import timedelta
+from collections import deque
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Literal, NamedTuple, Sequence
+from typing import Any, Callable, Literal
 
 import fastai
 import numpy as np
 import torch
-import torch.distributed as dist
-from fastai.callback.core import (Callback, CancelBackwardException, CancelBatchException, CancelEpochException,
-                                  CancelFitException, CancelStepException, CancelTrainException,
-                                  CancelValidException)
-from fastai.callback.progress import ProgressCallback
-from fastai.callback.schedule import ParamScheduler  # also patches Learner.fit_one_cycle
-from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
-from fastai.distributed import DistributedDL
-from fastai.learner import Learner, ValueMetric
-from fastai.losses import MSELossFlat
-from fastai.optimizer import Adam, Optimizer
-from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib, to_detach, to_float
-from fastcore.basics import getcallable, noop
-from fastcore.foundation import L
+from fastai.callback.core import Callback, CancelBatchException, CancelEpochException
+from fastai.learner import Learner
+from fastai.torch_core import distrib_barrier, get_model
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 import kelly
-from .core import (Config, ConfigError, KellyError, atomic_write, capture_rng_state, cuda_device_ids, pick_device,
-                        restore_rng_state, seed_everything, setup_logging, sha256_file, flatten_dict)
-from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CallbackError, CheckpointError, _TEMP_RE, _has_state_protocol,
-                               _sort_key, capture_data_state, checkpoint_name, list_checkpoints, load_checkpoint,
-                               newest_valid_checkpoint, optimizer_state, restore_data_state, restore_model_optimizer,
-                               save_checkpoint, sidecar_path)
+from .core import Config, ConfigError, capture_rng_state, restore_rng_state, flatten_dict
+from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CallbackError, CheckpointError, _TEMP_RE,
+                               _has_state_protocol, _sort_key, capture_data_state, checkpoint_name, list_checkpoints,
+                               load_checkpoint, newest_valid_checkpoint, optimizer_state, restore_data_state,
+                               restore_model_optimizer, save_checkpoint, sidecar_path)
 from .distributed import _any_rank, _gather_objects, _global_mean, get_rank, get_world_size, is_main_process
 from .callbacks import DistributedTraining, KellyCallback, Precision, PrecisionName, Throughput
 from .tokenizer import Tokenizer
@@ -72,11 +53,7 @@ def is_training_fit(learn: Learner) -> bool:
 
 def _tokenizer_record(tok) -> dict:
     "`{'hash', 'json'}` for a kelly `Tokenizer` (`Tokenizer.from_json(record['json'])` rebuilds it)."
-    if callable(getattr(tok, "to_json", None)): text = tok.to_json()
-    else:
-        with tempfile.TemporaryDirectory() as d:
-            text = Path(tok.save(Path(d)/"tokenizer.json")).read_text(encoding="utf-8")
-    return {"hash": str(tok.hash), "json": text}
+    return {"hash": str(tok.hash), "json": tok.to_json()}
 
 def _config_record(cfg) -> dict | None:
     if cfg is None: return None
@@ -111,12 +88,13 @@ class Checkpoint(KellyCallback):
     order = 70
     def __init__(self, directory: str | os.PathLike,  # folder of this run's checkpoints
                  every_n_steps: int = 0,  # also save every N training steps (0: at epoch ends only)
+                 *,
                  keep_last: int = 3,  # checkpoints kept besides the best
                  monitor: str | None = "valid_loss",  # Recorder column that picks the best (None: no best)
                  mode: Literal["min", "max"] = "min",  # whether lower or higher `monitor` is better
                  resume: bool | str | os.PathLike = False,  # True: newest valid in `directory`; a path: that file
                  config: Config | dict | None = None,  # saved with each checkpoint (default: `learn.config`)
-                 tokenizer=None):  # saved and checked on resume (default: `learn.tokenizer`)
+                 tokenizer: Tokenizer | None = None):  # saved and checked on resume (default: `learn.tokenizer`)
         if every_n_steps < 0: raise CallbackError(f"every_n_steps must be >= 0, got {every_n_steps}")
         if keep_last < 1: raise CallbackError(f"keep_last must be >= 1, got {keep_last}")
         if mode not in ("min", "max"): raise CallbackError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -310,6 +288,7 @@ class Rollback(KellyCallback):
     order, run_valid = 65, False
     def __init__(self, spike_factor: float = 4.0,  # a loss above this times the running median is a spike
                  window: int = 64,  # number of recent good losses in the running median
+                 *,
                  min_history: int = 8,  # no spike test before this many good losses
                  lr_factor: float = 0.5,  # the learning rate is multiplied by this at each rollback
                  max_rollbacks: int = 3):  # the next trigger after this many rollbacks stops the run
@@ -507,7 +486,7 @@ def reliability_callbacks(cfg: ReliabilityConfig,  # the settings
     if cfg.sample_every and generate is None: raise CallbackError("sample_every is set but the sample monitor has neither a generate function nor a tokenizer to sample with")
     cbs = [Precision(cfg.precision)]
     if distributed: cbs.append(DistributedTraining())
-    cbs.append(Checkpoint(directory, cfg.checkpoint_every, cfg.keep_last, cfg.monitor, resume=resume, config=config, tokenizer=tokenizer))
+    cbs.append(Checkpoint(directory, cfg.checkpoint_every, keep_last=cfg.keep_last, monitor=cfg.monitor, resume=resume, config=config, tokenizer=tokenizer))
     if cfg.rollback: cbs.append(Rollback(cfg.spike_factor, cfg.spike_window, lr_factor=cfg.lr_factor, max_rollbacks=cfg.max_rollbacks))
     if cfg.sample_every: cbs.append(SampleMonitor(generate, cfg.sample_every, validity=validity, min_validity=cfg.min_validity,
                                                   max_token_share=cfg.max_token_share, tokenizer=tokenizer, on_sample=on_sample))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .core import Config, ConfigError, KellyError
+from .tokenizer import Tokenizer
 from .models import IncrementalDecoder, MusicTransformer
 
 # %% ../nbs/08_samplers.ipynb #3889086f
@@ -110,6 +111,7 @@ class TokenSampler:
     "Turns next-token logits [B, V] into token ids [B] following a `SamplingConfig`."
     def __init__(self, config: SamplingConfig,  # the sampling settings
                  batch_size: int,  # sequences decoded together
+                 *,
                  vocab_size: int,  # the model's vocabulary size
                  forbidden: torch.Tensor | None = None,  # bool [V, V]: row = previous token, True = not allowed next
                  generator: torch.Generator | None = None,  # seeded generator (None: global)
@@ -149,26 +151,21 @@ class TokenSampler:
         return tokens
 
 # %% ../nbs/08_samplers.ipynb #dc271540
-def grammar_forbidden(tokenizer,  # kelly Tokenizer with `grammar.next_mask` (bool [V, V]) and eos/pad ids
+def grammar_forbidden(tokenizer: Tokenizer,  # its grammar's `next_mask` (bool [V, V]) and eos/pad ids decide
                       vocab_size: int,  # the model's vocabulary size (must match the grammar's)
                       device=None) -> torch.Tensor:
     "Bool [V, V]: row = previous token, True where the tokenizer's grammar forbids the next token."
-    grammar = getattr(tokenizer, "grammar", None)
-    next_mask = getattr(grammar, "next_mask", None)
-    if next_mask is None:
-        raise SamplerError(f"constrained decoding needs tokenizer.grammar.next_mask, which {type(tokenizer).__name__} lacks; pass constrained=False")
-    allowed = torch.as_tensor(np.asarray(next_mask, dtype=bool)).clone()
+    allowed = torch.as_tensor(np.asarray(tokenizer.grammar.next_mask, dtype=bool)).clone()
     if allowed.shape != (vocab_size, vocab_size):
         raise SamplerError(f"the grammar covers {allowed.shape[0]} tokens but the model has {vocab_size}: was the model trained with this tokenizer?")
     dead = ~allowed.any(1)
     ends = torch.zeros(vocab_size, dtype=torch.bool)
-    for name in ("eos_id", "pad_id"):
-        if getattr(tokenizer, name, None) is not None: ends[int(getattr(tokenizer, name))] = True
+    ends[[tokenizer.eos_id, tokenizer.pad_id]] = True
     reachable = allowed.any(0)
     stuck = dead & reachable & ~ends
     if stuck.any():
         bad = [int(i) for i in torch.nonzero(stuck).flatten()[:5]]
-        names = [tokenizer.id_to_token(i) if hasattr(tokenizer, "id_to_token") else str(i) for i in bad]
+        names = [tokenizer.id_to_token(i) for i in bad]
         raise SamplerError(f"the tokenizer's grammar allows no token after {names}: constrained decoding would get stuck there")
     allowed[dead] = True     # after eos/pad (or unreachable tokens) anything goes; those positions are padded anyway
     return (~allowed).to(device)
@@ -232,7 +229,7 @@ def _as_prompt(prompt, n: int, vocab_size: int, tokenizer, device) -> torch.Tens
     return ids.to(device=device, dtype=torch.long).contiguous()
 
 # %% ../nbs/08_samplers.ipynb #9b2deb04
-def midi_prompt(tokenizer,  # kelly Tokenizer
+def midi_prompt(tokenizer: Tokenizer,  # encodes the file
                 path,  # a MIDI file
                 max_tokens: int | None = None,  # keep only the first ids (bos included); None: all
                 ) -> np.ndarray:
@@ -251,13 +248,10 @@ def _sampling_config(config: SamplingConfig | None, overrides: dict) -> Sampling
     if unknown: raise SamplerError(f"unknown sampling setting '{unknown[0]}' (valid: {', '.join(SamplingConfig.field_types())})")
     return SamplingConfig.from_dict({**config.to_dict(), **overrides})
 
-def _special_id(tokenizer, name: str) -> int:
-    value = getattr(tokenizer, name, None)
-    if value is None: raise SamplerError(f"the tokenizer has no {name}; it is needed to stop at eos (or set stop_at_eos=False)")
-    return int(value)
 
 def stream(model: MusicTransformer,  # the language model
-           tokenizer=None,  # kelly Tokenizer: bos/eos/pad ids and grammar (None: raw ids, no constraints, no eos)
+           tokenizer: Tokenizer | None = None,  # bos/eos/pad ids and grammar (None: raw ids, no constraints, no eos)
+           *,
            prompt=None,  # token ids: 1-d (shared by all n) or [B, T]; default: [bos]
            n: int = 1,  # sequences to generate from a shared prompt
            config: SamplingConfig | None = None,  # sampling settings
@@ -269,15 +263,15 @@ def stream(model: MusicTransformer,  # the language model
     ids = _as_prompt(prompt, n, model.config.vocab_size, tokenizer, device)
     B = ids.shape[0]
     forbidden = grammar_forbidden(tokenizer, model.config.vocab_size, device) if (c.constrained and tokenizer is not None) else None
-    if forbidden is not None and hasattr(tokenizer.grammar, "is_valid"):
+    if forbidden is not None:
         bad = [i for i, row in enumerate(ids.cpu().numpy()) if not tokenizer.grammar.is_valid(row)]
         if bad: _log.warning("prompt rows %s break the tokenizer's grammar: constraints apply to new tokens only", bad[:10])
     eos = pad = None
-    if c.stop_at_eos and tokenizer is not None: eos, pad = _special_id(tokenizer, "eos_id"), _special_id(tokenizer, "pad_id")
+    if c.stop_at_eos and tokenizer is not None: eos, pad = tokenizer.eos_id, tokenizer.pad_id
     generator = torch.Generator(device=device).manual_seed(c.seed) if c.seed is not None else None
-    positions = PositionRule(tokenizer.grammar) if forbidden is not None and hasattr(tokenizer.grammar, "position_tick") else None
-    eos_id = _special_id(tokenizer, "eos_id") if (c.min_new_tokens and tokenizer is not None) else None
-    sampler = TokenSampler(c, B, model.config.vocab_size, forbidden, generator, device, positions, eos_id)
+    positions = PositionRule(tokenizer.grammar) if forbidden is not None else None
+    eos_id = tokenizer.eos_id if (c.min_new_tokens and tokenizer is not None) else None
+    sampler = TokenSampler(c, B, vocab_size=model.config.vocab_size, forbidden=forbidden, generator=generator, device=device, positions=positions, eos_id=eos_id)
     return _decode(model, ids, c, sampler, eos, pad)     # everything above is checked now; decoding starts on iteration
 
 def _decode(model, ids, c, sampler, eos, pad) -> Iterator[torch.Tensor]:
@@ -331,7 +325,8 @@ class Generation(NamedTuple):
         return [s[self.prompt_length:] for s in self.sequences()]
 
 def generate(model: MusicTransformer,  # the language model
-             tokenizer=None,  # kelly Tokenizer (None: raw ids, no constraints, no eos)
+             tokenizer: Tokenizer | None = None,  # kelly Tokenizer (None: raw ids, no constraints, no eos)
+             *,
              prompt=None,  # token ids: 1-d (shared by all n) or [B, T]; default: [bos]
              n: int = 1,  # sequences to generate from a shared prompt
              config: SamplingConfig | None = None,  # sampling settings
@@ -341,11 +336,11 @@ def generate(model: MusicTransformer,  # the language model
     c = _sampling_config(config, overrides)
     device = next(model.parameters()).device
     ids = _as_prompt(prompt, n, model.config.vocab_size, tokenizer, device).cpu()
-    steps = list(stream(model, tokenizer, ids, n, c))
+    steps = list(stream(model, tokenizer, prompt=ids, n=n, config=c))
     out = torch.cat([ids, torch.stack(steps, 1)], 1)
     lengths = torch.full((ids.shape[0],), out.shape[1], dtype=torch.long)
     if c.stop_at_eos and tokenizer is not None:
-        is_eos = out[:, ids.shape[1]:] == _special_id(tokenizer, "eos_id")
+        is_eos = out[:, ids.shape[1]:] == tokenizer.eos_id
         after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0          # positions after a sequence's first eos
         lengths -= after_eos.sum(1)
     return Generation(out, lengths, ids.shape[1])

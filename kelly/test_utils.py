@@ -95,6 +95,7 @@ class SynthRegression(torch.utils.data.Dataset):
     "`n` samples of `y = x·w + noise` (seeded); `augment` adds input noise from torch's global RNG per item."
     def __init__(self, n: int,  # number of samples
                  seed: int = 0,  # seed of the samples (not of the augmentation)
+                 *,
                  noise: float = 0.1,  # std of the target noise
                  augment: float = 0.0):  # std of the input noise added per item, per draw
         g = torch.Generator().manual_seed(seed)
@@ -110,6 +111,7 @@ class SynthRegression(torch.utils.data.Dataset):
 
 def synth_dls(n_train: int = 64,  # training samples
               n_valid: int = 32,  # validation samples
+              *,
               bs: int = 16,  # (global) batch size
               seed: int = 0,  # seeds the data and the loaders' shuffling
               augment: float = 0.0,  # input noise of the training set
@@ -122,6 +124,7 @@ def synth_dls(n_train: int = 64,  # training samples
 
 def synth_learner(n_train: int = 64,  # training samples
                   n_valid: int = 32,  # validation samples
+                  *,
                   bs: int = 16,  # (global) batch size
                   seed: int = 0,  # seeds data, shuffling and the model's initial weights
                   dropout: float = 0.0,  # dropout probability in the model
@@ -131,7 +134,7 @@ def synth_learner(n_train: int = 64,  # training samples
                   quiet: bool = True,  # no progress bars, no printed epoch table
                   ) -> Learner:
     "A tiny, seeded fastai `Learner` (MLP, Adam, MSE) that trains in milliseconds on a CPU."
-    dls = synth_dls(n_train, n_valid, bs, seed, augment)
+    dls = synth_dls(n_train, n_valid, bs=bs, seed=seed, augment=augment)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(SYNTH_FEATURES, SYNTH_HIDDEN), nn.ReLU(), nn.Dropout(dropout),
                           nn.Linear(SYNTH_HIDDEN, 1))

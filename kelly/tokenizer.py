@@ -465,7 +465,7 @@ def _prepare(self: Tokenizer, music: Music) -> tuple[_Prepared, EncodeReport]:
     x = np.maximum(raw_start, 0) * scale
     last = float(x.max()) if len(x) else 0.0
     bar_table = bars(ts, tpq, int(last) + 2 * self.max_bar_ticks + 1)
-    start = snap_onsets(x, bar_table, self._offsets, tpq)
+    start = snap_onsets(x, bar_table, offsets=self._offsets, tpq=tpq)
     r.onsets_moved = int((np.abs(start - x) > 1e-9).sum())
     d = notes["duration"] * scale
     duration = nearest_values(d, self.duration_values)
@@ -513,7 +513,7 @@ def _prepare_tempos(self: Tokenizer, tempos: np.ndarray, scale: float, bar_table
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     ok = np.isfinite(tempos["qpm"]) & (tempos["qpm"] > 0)
     tempos = tempos[ok]
-    tick = snap_onsets(np.maximum(tempos["tick"], 0) * scale, bar_table, self._offsets, self.config.tpq)
+    tick = snap_onsets(np.maximum(tempos["tick"], 0) * scale, bar_table, offsets=self._offsets, tpq=self.config.tpq)
     inside = tick < end
     qpm = tempos["qpm"][inside]
     tick = tick[inside]
@@ -978,6 +978,7 @@ def _pool_map(tokenizer: Tokenizer, fn, jobs: list, workers: int | None) -> Iter
 
 def tokenize_files(tokenizer: Tokenizer,  # the tokenizer to use
                    paths: Iterable[str | os.PathLike],  # MIDI files
+                   *,
                    workers: int | None = None,  # processes (default: every core; 1: this process)
                    add_special: bool = False,  # BOS/EOS around each
                    ) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:

@@ -180,7 +180,8 @@ class HistoryCSV(CSVLogger):
 
 # %% ../nbs/12_trainers.ipynb #7fafc49f
 def lm_learner(dls: DataLoaders,  # `(x, y)` batches of token ids, e.g. from `lm_dataloaders`
-               tokenizer,  # kelly `Tokenizer`: vocabulary size and pad id
+               tokenizer: Tokenizer,  # kelly `Tokenizer`: vocabulary size and pad id
+               *,
                model: TransformerConfig | MusicTransformer | None = None,  # a model, or the settings of a new one
                optim: OptimConfig | None = None,  # optimizer, clipping and accumulation settings
                cbs: list | None = None,  # more callbacks (checkpoints, logs, ...)
@@ -360,7 +361,7 @@ def _train(config, rank, world_size, device, resume, sample_fn, on_sample, cbs, 
     run_dir = _agree_on_folder(run_folder(config, resume) if main else Path(), world_size)
     config = dataclasses.replace(config, name=run_dir.name)
     tok = Tokenizer(config.tokenizer)
-    dls = lm_dataloaders(_corpus(config, progress and main), tok, config.data, rank, world_size, device, progress=progress and main)
+    dls = lm_dataloaders(_corpus(config, progress and main), tok, config=config.data, rank=rank, world_size=world_size, device=device, progress=progress and main)
     _check_valid_batches(dls, world_size)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -371,7 +372,7 @@ def _train(config, rank, world_size, device, resume, sample_fn, on_sample, cbs, 
                                       generate=generate, validity=tok.grammar.validity, on_sample=on_sample, config=config, tokenizer=tok)
     if main: callbacks.append(HistoryCSV(run_dir/HISTORY_FILE, append=bool(resume)))
     seed_everything(config.seed)
-    learn = lm_learner(dls, tok, config.model, config.optim, [*callbacks, *(cbs or [])], path=run_dir, config=config, progress=progress)
+    learn = lm_learner(dls, tok, model=config.model, optim=config.optim, cbs=[*callbacks, *(cbs or [])], path=run_dir, config=config, progress=progress)
     handler = _run_log_handler(run_dir/LOG_FILE) if main else None
     try:
         _log.info("training %s (%.2fM parameters) on %s, %d process(es), run folder %s", type(learn.model).__name__,
@@ -383,7 +384,7 @@ def _train(config, rank, world_size, device, resume, sample_fn, on_sample, cbs, 
         bundle = None
         if main:
             write_json(run_dir/METRICS_FILE, metrics)
-            bundle = save_bundle(run_dir/BUNDLE_DIR, learn.model, tok, metadata=_bundle_metadata(config, run_dir, metrics), overwrite=True)
+            bundle = save_bundle(run_dir/BUNDLE_DIR, learn.model, tokenizer=tok, metadata=_bundle_metadata(config, run_dir, metrics), overwrite=True)
         _log.info("finished: %s", ", ".join(f"{k} {metrics[k]:.4g}" for k in ("valid_loss", "perplexity", "token_accuracy") if metrics.get(k) is not None))
     finally:
         if handler is not None: logging.getLogger("kelly").removeHandler(handler); handler.close()

@@ -347,7 +347,7 @@ import json, torch
 from kelly.datasets import lm_dataloaders, LMDataConfig
 from kelly.tokenizer import Tokenizer, TokenizerConfig
 cfg = LMDataConfig.from_dict(json.loads({json.dumps(json.dumps(cfg.to_dict()))}))
-dls = lm_dataloaders({str(bach)!r}, Tokenizer(TokenizerConfig()), cfg, cache_folder={str(cache_dir)!r}, progress=False)
+dls = lm_dataloaders({str(bach)!r}, Tokenizer(TokenizerConfig()), config=cfg, cache_folder={str(cache_dir)!r}, progress=False)
 it = iter(dls.train)
 for _ in range(7): next(it)
 open({str(state_file)!r}, "w").write(json.dumps(dls.train.state_dict()))

@@ -312,7 +312,7 @@ for seed in (1, 2):
     torch.manual_seed(seed); models.append(MusicTransformer(cfg))
 i = 0
 while True:
-    save_bundle(sys.argv[1], models[i % 2], tok, {"seed": 1 + i % 2}, overwrite=True)
+    save_bundle(sys.argv[1], models[i % 2], tokenizer=tok, metadata={"seed": 1 + i % 2}, overwrite=True)
     if i == 0: print("saved", flush=True)
     i += 1
 """

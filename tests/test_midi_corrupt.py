@@ -16,7 +16,8 @@ import pytest
 import symusic
 
 from kelly.midi import (MidiError, Music, _scan_track, _scan_track_py, load_midi, parse_midi, repair, save_midi,
-                        scan_midi, synthetic_piano_midi, synthetic_pop_midi)
+                        scan_midi)
+from kelly.test_utils import synthetic_piano_midi, synthetic_pop_midi
 
 PRIMITIVE = sorted((Path(music21.__file__).parent/"midi"/"testPrimitive").glob("*.mid"))
 N_FLIPS_PER_FILE = 150  # 21 files x 150 = 3,150 flipped files
