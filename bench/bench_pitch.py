@@ -62,14 +62,17 @@ def build_clips(n_chorales: int, seconds: float, voices: list[str]):
         music = load_midi(mid)
         parts = {v: voice_music(music, *VOICES[v]) for v in voices}
         if any(p is None for p in parts.values()): continue
-        n_used += 1
+        found = []
         for v, m in parts.items():
             wav = cache/f"{mid.stem}-{v}.wav"
             if not wav.exists(): render_music(m, wav, sample_rate=SR)
             y, _ = load_audio(wav, sr=SR, duration=seconds)
             n = 1 + len(y) // HOP
             f0, voiced = midi_f0(m, np.arange(n) * HOP / SR)
-            clips.append(dict(name=f"{mid.stem}/{v}", voice=v, y=y, ref=f0, ref_voiced=voiced))
+            found.append(dict(name=f"{mid.stem}/{v}", voice=v, y=y, ref=f0, ref_voiced=voiced))
+        if any(len(c["y"]) < int(seconds * SR) for c in found): continue  # shorter than a clip: skip the chorale
+        clips += found
+        n_used += 1
     if n_used < n_chorales: print(f"only {n_used} chorales have all voices asked for", file=sys.stderr)
     return clips
 
