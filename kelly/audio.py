@@ -15,7 +15,7 @@ __all__ = ['AUDIO_SUFFIXES', 'FALLBACK_SUFFIXES', 'RESAMPLE_QUALITY', 'WRITE_FOR
            'find_soundfont', 'find_fluidsynth', 'synthesize_sine', 'render_midi', 'render_music', 'write_pitch_csv',
            'plot_waveform', 'plot_spectrogram', 'plot_pitch']
 
-# %% ../nbs/03_audio.ipynb #2cb78488
+# %% ../nbs/03_audio.ipynb #0faf4720
 import functools
 import io
 import math
@@ -38,10 +38,10 @@ import torch
 from .core import KellyError, atomic_write, get_logger
 from .midi import DEFAULT_QPM, Music, MidiError, load_midi, save_midi
 
-# %% ../nbs/03_audio.ipynb #8b071bf8
+# %% ../nbs/03_audio.ipynb #33c70eb9
 _log = get_logger(__name__)
 
-# %% ../nbs/03_audio.ipynb #d1947aa6
+# %% ../nbs/03_audio.ipynb #0876affb
 class AudioError(KellyError):
     "An audio file kelly cannot read, write or render; the message names the file (quoted) and the reason."
 
@@ -49,7 +49,7 @@ def _audio_error(path, reason: str) -> AudioError:
     "An `AudioError` whose message starts with the quoted file name."
     return AudioError(f"{str(path)!r}: {reason}")
 
-# %% ../nbs/03_audio.ipynb #a675e50e
+# %% ../nbs/03_audio.ipynb #0f818157
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff")  # what `check_audio_folder` looks at
 FALLBACK_SUFFIXES = (".mp3",)  # suffixes decoded through librosa/audioread when libsndfile refuses them
 RESAMPLE_QUALITY = "HQ"  # soxr quality; librosa's default `res_type="soxr_hq"`
@@ -78,7 +78,8 @@ def _wav_truncation(f, size: int) -> str | None:
 
 def resample(y: np.ndarray,  # samples, time on the last axis
              orig_sr: int,  # the rate `y` was sampled at
-             sr: int) -> np.ndarray:  # the rate wanted
+             sr: int,  # the rate wanted
+             ) -> np.ndarray:
     "Resample along the last axis with soxr (librosa's default method and output length)."
     if orig_sr == sr: return y
     n_out = int(math.ceil(y.shape[-1] * sr / orig_sr))
@@ -139,7 +140,7 @@ def load_audio(path: str | os.PathLike,  # an audio file (wav, flac, ogg, aiff, 
         y = resample(y, file_sr, int(sr))
     return y, int(sr or file_sr)
 
-# %% ../nbs/03_audio.ipynb #e288bcde
+# %% ../nbs/03_audio.ipynb #b45687c5
 WRITE_FORMATS = {".wav": "WAV", ".flac": "FLAC"}  # suffix -> libsndfile format
 DEFAULT_SUBTYPE = "PCM_16"  # 16-bit integer samples
 
@@ -171,7 +172,7 @@ def save_audio(path: str | os.PathLike,  # a .wav or .flac file to create or rep
         raise _audio_error(path, f"cannot write as {fmt}/{subtype}: {e}") from e
     return path
 
-# %% ../nbs/03_audio.ipynb #0e753bb3
+# %% ../nbs/03_audio.ipynb #546d367d
 @dataclass
 class AudioFileStatus:
     "What `check_audio_folder` found for one file."
@@ -226,14 +227,16 @@ def check_audio_folder(folder: str | os.PathLike,  # the folder to check
         report.files.append(AudioFileStatus(p, True, sr, y.shape[0], y.shape[-1] / sr))
     return report
 
-# %% ../nbs/03_audio.ipynb #69f0ba24
+# %% ../nbs/03_audio.ipynb #0e885673
 N_FFT = 2048  # librosa's default FFT size
 N_MELS = 128  # librosa's default number of mel bands
 N_CHROMA = 12  # pitch classes
 TOP_DB = 80.0  # librosa's default dynamic range for `power_to_db`
 AMIN = 1e-10  # librosa's floor before taking a logarithm
 
-def as_batch(y, device: torch.device | str | None = None) -> tuple[torch.Tensor, bool]:
+def as_batch(y,  # audio `[T]` or `[B, T]` (numpy or torch)
+             device: torch.device | str | None = None,  # move it here (default: where it is; numpy goes to the CPU)
+             ) -> tuple[torch.Tensor, bool]:
     "`y` (numpy or torch, `[T]` or `[B, T]`) as a float32 tensor `[B, T]`, and whether the input was a single clip."
     t = torch.as_tensor(y) if isinstance(y, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(y))
     t = t.to(device=device if device is not None else t.device, dtype=torch.float32)
@@ -270,7 +273,7 @@ def stft(y,  # audio `[T]` or `[B, T]` (numpy or torch)
     S = torch.stft(x, n_fft, hop_length=hop, window=window, center=center, pad_mode="constant", return_complex=True)
     return S[0] if single else S
 
-# %% ../nbs/03_audio.ipynb #125ba44f
+# %% ../nbs/03_audio.ipynb #3b781752
 def spectrogram(y,  # audio `[T]` or `[B, T]` (numpy or torch)
                 *,
                 n_fft: int = N_FFT,  # FFT size
@@ -282,7 +285,7 @@ def spectrogram(y,  # audio `[T]` or `[B, T]` (numpy or torch)
     p2 = S.real.square() + S.imag.square()
     return p2 if power == 2 else p2.sqrt() if power == 1 else p2.pow(power / 2)
 
-# %% ../nbs/03_audio.ipynb #b79f43d2
+# %% ../nbs/03_audio.ipynb #abcdec5f
 def _mel_basis(sr, n_fft, n_mels, fmin, fmax, htk, norm) -> np.ndarray:
     import librosa
     return librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, htk=htk, norm=norm)
@@ -371,7 +374,7 @@ def chroma(y,  # audio `[T]` or `[B, T]` (numpy or torch)
     peak = raw.amax(dim=-2, keepdim=True)
     return raw / torch.where(peak < torch.finfo(raw.dtype).tiny, torch.ones_like(peak), peak)
 
-# %% ../nbs/03_audio.ipynb #32a068ea
+# %% ../nbs/03_audio.ipynb #fa5c438c
 PITCH_FMIN = 65.40639  # C2 in Hz, librosa's recommended lowest pitch
 PITCH_FMAX = 2093.0045  # C7 in Hz, librosa's recommended highest pitch
 PITCH_FRAME = 1024  # analysis frame in samples (64 ms at 16 kHz)
@@ -417,14 +420,16 @@ def yin_cmnd(frames: torch.Tensor,  # `[R, L]` frames of audio
     cmean = torch.cumsum(diff, dim=-1) / lags
     return diff[:, min_period - 1:] / (cmean[:, min_period - 1:] + torch.finfo(frames.dtype).tiny)
 
-def parabolic_shifts(x: torch.Tensor) -> torch.Tensor:  # `[R, K]` values along the last axis
+def parabolic_shifts(x: torch.Tensor,  # `[R, K]` values along the last axis
+                     ) -> torch.Tensor:
     "Offset of the parabola through each point and its neighbours (0 at the edges or when it would move > 1 bin)."
     a = x[:, 2:] + x[:, :-2] - 2 * x[:, 1:-1]
     b = (x[:, 2:] - x[:, :-2]) / 2
     inner = torch.where(b.abs() >= a.abs(), torch.zeros_like(a), -b / torch.where(a == 0, torch.ones_like(a), a))
     return torch.nn.functional.pad(inner, (1, 1))
 
-def troughs(x: torch.Tensor) -> torch.Tensor:  # `[R, K]` values along the last axis
+def troughs(x: torch.Tensor,  # `[R, K]` values along the last axis
+            ) -> torch.Tensor:
     "Local minima along the last axis (librosa's `localmin`, with pYIN's rule for the first point)."
     t = torch.zeros_like(x, dtype=torch.bool)
     t[:, 1:-1] = (x[:, 1:-1] < x[:, :-2]) & (x[:, 1:-1] <= x[:, 2:])
@@ -658,7 +663,7 @@ def track_pitch(y,  # audio `[T]` or `[B, T]` (numpy or torch; computed on its d
     if single: f0, voiced, voiced_prob = f0[0], voiced[0], voiced_prob[0]
     return PitchTrack(times, f0, voiced, voiced_prob)
 
-# %% ../nbs/03_audio.ipynb #40307f4b
+# %% ../nbs/03_audio.ipynb #46688b40
 def ticks_to_seconds(music: Music,  # the piece whose tempo map to follow
                      ticks,  # tick positions (any shape)
                      ) -> np.ndarray:
@@ -672,7 +677,8 @@ def ticks_to_seconds(music: Music,  # the piece whose tempo map to follow
     k = np.searchsorted(tempo_ticks, ticks, side="right") - 1
     return starts[k] + (ticks - tempo_ticks[k]) * sec_per_tick[k]
 
-def midi_to_hz(pitch) -> np.ndarray:  # MIDI note numbers (69 = A4)
+def midi_to_hz(pitch,  # MIDI note numbers (69 = A4)
+               ) -> np.ndarray:
     "Equal-tempered frequency in Hz of MIDI pitches (A4 = 440 Hz)."
     return 440.0 * 2.0 ** ((np.asarray(pitch, dtype=np.float64) - 69) / 12)
 
@@ -692,7 +698,7 @@ def midi_f0(music: Music,  # the notes
     voiced = pitch >= 0
     return np.where(voiced, midi_to_hz(np.maximum(pitch, 0)), 0.0), voiced
 
-# %% ../nbs/03_audio.ipynb #e1986ee1
+# %% ../nbs/03_audio.ipynb #ef1b5ec9
 SOUNDFONT_ENV = "KELLY_SOUNDFONT"  # environment variable naming a .sf2/.sf3 soundfont
 SOUNDFONT_PATHS = (  # where package managers put a General MIDI soundfont
     "/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2", "/usr/share/sounds/sf3/default-GM.sf3",
@@ -708,7 +714,8 @@ SYNTHS = ("fluidsynth", "sine")
 SINE_RAMP_S = 0.005  # attack and release of each sine note (avoids clicks)
 SINE_PEAK = 0.9  # the sine synth scales its output down to this peak when louder
 
-def find_soundfont(soundfont: str | os.PathLike | None = None) -> Path:  # an explicit soundfont file
+def find_soundfont(soundfont: str | os.PathLike | None = None,  # an explicit soundfont file
+                   ) -> Path:
     "The soundfont to render with: `soundfont`, else `$KELLY_SOUNDFONT`, else a system GM soundfont; `AudioError` if none."
     if soundfont is not None or os.environ.get(SOUNDFONT_ENV):
         p = Path(soundfont if soundfont is not None else os.environ[SOUNDFONT_ENV]).expanduser()
@@ -805,7 +812,7 @@ def render_music(music: Music,  # the notes to play
         midi = save_midi(music, Path(d)/"music.mid")
         return render_midi(midi, out_path, **kwargs)
 
-# %% ../nbs/03_audio.ipynb #d4217b5f
+# %% ../nbs/03_audio.ipynb #0818d376
 PITCH_CSV_HEADER = "time_s,f0_hz,voiced,voiced_prob"
 SPEC_N_FFT = 1024  # FFT size of plotted spectrograms
 SPEC_TOP_DB = 80.0  # dynamic range of plotted spectrograms
