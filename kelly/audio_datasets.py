@@ -11,7 +11,7 @@ __all__ = ['logger', 'BACH_AUDIO_FOLDER', 'BACH_AUDIO_MANIFEST', 'BACH_AUDIO_FOR
            'AudioAugmentConfig', 'AudioDraw', 'AudioAugmentation', 'RandomCrops', 'SlidingCrops', 'AudioLoader',
            'AudioDataConfig', 'audio_dataloaders']
 
-# %% ../nbs/04a_audio_datasets.ipynb #c69dcd8b
+# %% ../nbs/04a_audio_datasets.ipynb #2e2719e3
 import dataclasses
 import hashlib
 import json
@@ -37,10 +37,10 @@ from .datasets import (BACH_MANIFEST, CorpusFile, CounterRNG, DatasetError, Wind
                             corpus_file_index, corpus_key, split_by_piece, _check_index, _folder_lock, _progress,
                             _read_json, _walk_files, _write_json, _write_offsets)
 
-# %% ../nbs/04a_audio_datasets.ipynb #15a2c28b
+# %% ../nbs/04a_audio_datasets.ipynb #351b8cf1
 logger = get_logger("kelly.audio_datasets")   # the same logger in the notebook and in the module
 
-# %% ../nbs/04a_audio_datasets.ipynb #36f93908
+# %% ../nbs/04a_audio_datasets.ipynb #0c33b7ee
 BACH_AUDIO_FOLDER = "bach_chorales_audio"        # folder name prefix under `kelly_path("corpora")`
 BACH_AUDIO_MANIFEST = ".kelly_bach_audio.json"   # hidden, so corpus discovery never mistakes it for data
 BACH_AUDIO_FORMAT_VERSION = 1
@@ -148,7 +148,7 @@ def _render_bach(folder: Path, midi_folder: Path, manifest: dict | None, limit: 
     _write_json(path, manifest)
     return folder
 
-# %% ../nbs/04a_audio_datasets.ipynb #29439452
+# %% ../nbs/04a_audio_datasets.ipynb #02e5dd9d
 class AudioCorpus:
     "The audio files of a folder, in sorted order, the MIDI file beside each (when there is one) and the other files found."
     def __init__(self, root: Path,  # the corpus folder
@@ -195,7 +195,7 @@ class AudioCorpus:
     def __len__(self): return len(self.files)
     def __repr__(self): return f"AudioCorpus({str(self.root)!r}, {len(self.files)} audio files, {len(self.midi)} with MIDI, {len(self.ignored)} ignored)"
 
-# %% ../nbs/04a_audio_datasets.ipynb #212d7181
+# %% ../nbs/04a_audio_datasets.ipynb #02f36a3d
 AUDIO_CACHE_FORMAT_VERSION = 1
 AUDIO_CACHE_DIR = "audio_cache"        # default caches live in `kelly_path(AUDIO_CACHE_DIR, ...)`
 AUDIO_CACHE_MANIFEST = "manifest.json"
@@ -238,7 +238,7 @@ def _decode_all(paths: Sequence[Path], sample_rate: int, dtype: str, workers: in
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         yield from pool.map(_decode_job, jobs, chunksize=max(1, min(_MAX_CHUNK, len(jobs) // (4 * workers))))
 
-# %% ../nbs/04a_audio_datasets.ipynb #84f9453d
+# %% ../nbs/04a_audio_datasets.ipynb #cdbff2e1
 class AudioCache:
     "An audio corpus decoded once: a memory-mapped flat array of samples at one rate plus file offsets, checked against its manifest."
     def __init__(self, folder: str | os.PathLike,  # a cache folder written by `AudioCache.for_corpus`
@@ -416,7 +416,7 @@ def _build_cache(folder: Path, corpus: AudioCorpus, sample_rate: int, dtype: str
     if skipped: logger.warning("skipped %d of %d audio files in %s that could not be read; see %s", len(skipped), len(corpus), corpus.root, folder/AUDIO_CACHE_REPORT)
     logger.info("cached %d files (%.2f h at %d Hz) from %s into %s", len(docs), n / sample_rate / 3600, sample_rate, corpus.root, folder)
 
-# %% ../nbs/04a_audio_datasets.ipynb #77790875
+# %% ../nbs/04a_audio_datasets.ipynb #4c155250
 RESAMPLE_MARGIN = 64   # source samples read beyond each end of a pitch-shifted crop, so the resampler has context
 
 class AudioWindows:
@@ -440,16 +440,27 @@ class AudioWindows:
         if b > a: out[a - lo:b - lo] = self.cache.read(int(self.cache.offsets[d]) + a, int(self.cache.offsets[d]) + b)
         return out
 
+    def source(self, doc: int,  # position in `self.docs`
+               start: int,  # first sample of the crop in that file
+               ratio: float = 1.0) -> np.ndarray:  # span read per output sample: > 1 raises the pitch
+        "The samples a crop is resampled from: `ceil(length * ratio)` from `start`, and a margin on both sides unless `ratio` is 1."
+        if ratio == 1.0: return self.span(doc, start, start + self.length)
+        return self.span(doc, start - RESAMPLE_MARGIN, start + math.ceil(self.length * ratio) + RESAMPLE_MARGIN)
+
+    def resample(self, src: np.ndarray,  # what `source` returned for this `ratio`
+                 ratio: float = 1.0) -> np.ndarray:  # span read per output sample
+        "`src` resampled to exactly `length` samples with soxr (margins dropped); unchanged when `ratio` is 1."
+        if ratio == 1.0: return src
+        y = soxr.resample(src, ratio, 1.0, quality=RESAMPLE_QUALITY)
+        first = int(round(RESAMPLE_MARGIN / ratio))
+        out = y[first:first + self.length]
+        return out if len(out) == self.length else np.pad(out, (0, self.length - len(out)))
+
     def crop(self, doc: int,  # position in `self.docs`
              start: int,  # first sample of the crop in that file
              ratio: float = 1.0) -> np.ndarray:  # span read per output sample: > 1 raises the pitch
         "`length` float32 samples of file `doc` from `start`, pitch-shifted by resampling when `ratio` is not 1."
-        if ratio == 1.0: return self.span(doc, start, start + self.length)
-        n, m = math.ceil(self.length * ratio), RESAMPLE_MARGIN
-        y = soxr.resample(self.span(doc, start - m, start + n + m), ratio, 1.0, quality=RESAMPLE_QUALITY)
-        first = int(round(m / ratio))
-        out = y[first:first + self.length]
-        return out if len(out) == self.length else np.pad(out, (0, self.length - len(out)))
+        return self.resample(self.source(doc, start, ratio), ratio)
 
     def fingerprint(self) -> str:
         "A hash of what the crops are cut from: corpus contents, rate, sample type, file selection and length."
@@ -470,7 +481,7 @@ def _check_same(ds: AudioWindows, state: dict, kind: str):
     if state["fingerprint"] != ds.fingerprint():
         raise DatasetError("saved data state was cut from another corpus, sample rate or split; resume with the same data and seed")
 
-# %% ../nbs/04a_audio_datasets.ipynb #3470a51c
+# %% ../nbs/04a_audio_datasets.ipynb #be8687e5
 MAX_GAIN_DB = 24.0       # largest allowed `AudioAugmentConfig.gain_db`
 MAX_PITCH_SHIFT = 4.0    # largest allowed `AudioAugmentConfig.pitch_shift` (semitones; resampling also changes tempo and timbre)
 STREAM_CROP, STREAM_GAIN, STREAM_POLARITY, STREAM_PITCH, STREAM_MIX, STREAM_MIX_LEVEL, STREAM_MIX_CROP = range(7)  # independent draws per crop
@@ -522,7 +533,7 @@ class AudioAugmentation:
 
     def __repr__(self): return f"AudioAugmentation({self.config}, seed={self.rng.seed})"
 
-# %% ../nbs/04a_audio_datasets.ipynb #15155eea
+# %% ../nbs/04a_audio_datasets.ipynb #7be089a4
 class RandomCrops(AudioWindows):
     "Training crops drawn uniformly among all crop positions of the selected files, optionally augmented."
     def __init__(self, cache: AudioCache, length: int,
@@ -552,9 +563,9 @@ class RandomCrops(AudioWindows):
             x = self.crop(*self.locate(index, epoch))
             return x, x
         d = self.augment.draw(epoch, index)
-        x = self.crop(*self.locate(index, epoch), d.ratio)
-        if d.mix: x = (x + d.mix * self.crop(*self.locate(index, epoch, STREAM_MIX_CROP), d.ratio)) / (1 + d.mix)
-        x = (x * d.gain).astype(np.float32)
+        src = self.source(*self.locate(index, epoch), d.ratio)
+        if d.mix: src = (src + d.mix * self.source(*self.locate(index, epoch, STREAM_MIX_CROP), d.ratio)) / (1 + d.mix)
+        x = (self.resample(src, d.ratio) * d.gain).astype(np.float32)   # mixing is linear: one resampling serves both crops
         return x, x
 
     def state_dict(self) -> dict:
@@ -600,7 +611,7 @@ class SlidingCrops(AudioWindows):
         _check_same(self, state, "sliding")
         if state["stride"] != self.stride: raise DatasetError(f"saved data state has stride {state['stride']}, this dataset {self.stride}")
 
-# %% ../nbs/04a_audio_datasets.ipynb #a8bad833
+# %% ../nbs/04a_audio_datasets.ipynb #591f8324
 def _shard(ds: AudioWindows, rank: int, world_size: int) -> np.ndarray:
     "Crop indices of one rank, interleaved, equal counts on every rank: training drops the remainder, validation wraps around."
     n = len(ds)
@@ -632,7 +643,7 @@ class AudioLoader(WindowLoader):
         "This rank's crop indices for the rest of the current epoch."
         return _shard(self.dataset, self.rank, self.world_size)[self.position * self.bs:].tolist()
 
-# %% ../nbs/04a_audio_datasets.ipynb #81f303d9
+# %% ../nbs/04a_audio_datasets.ipynb #0afbe8e5
 @dataclasses.dataclass
 class AudioDataConfig(Config):
     "How an audio corpus becomes batches of fixed-length crops."
