@@ -11,7 +11,7 @@ __all__ = ['logger', 'BACH_AUDIO_FOLDER', 'BACH_AUDIO_MANIFEST', 'BACH_AUDIO_FOR
            'AudioAugmentConfig', 'AudioDraw', 'AudioAugmentation', 'RandomCrops', 'SlidingCrops', 'AudioLoader',
            'AudioDataConfig', 'audio_dataloaders']
 
-# %% ../nbs/04a_audio_datasets.ipynb #1194668b
+# %% ../nbs/04a_audio_datasets.ipynb #79df5ed1
 import dataclasses
 import hashlib
 import json
@@ -37,10 +37,10 @@ from .datasets import (BACH_MANIFEST, CorpusFile, CounterRNG, DatasetError, Wind
                             corpus_file_index, corpus_key, split_by_piece, _check_index, _folder_lock, _progress,
                             _read_json, _walk_files, _write_json, _write_offsets)
 
-# %% ../nbs/04a_audio_datasets.ipynb #e37cda21
+# %% ../nbs/04a_audio_datasets.ipynb #037a7191
 logger = get_logger("kelly.audio_datasets")   # the same logger in the notebook and in the module
 
-# %% ../nbs/04a_audio_datasets.ipynb #97569d51
+# %% ../nbs/04a_audio_datasets.ipynb #97c292f5
 BACH_AUDIO_FOLDER = "bach_chorales_audio"        # folder name prefix under `kelly_path("corpora")`
 BACH_AUDIO_MANIFEST = ".kelly_bach_audio.json"   # hidden, so corpus discovery never mistakes it for data
 BACH_AUDIO_FORMAT_VERSION = 1
@@ -148,18 +148,20 @@ def _render_bach(folder: Path, midi_folder: Path, manifest: dict | None, limit: 
     _write_json(path, manifest)
     return folder
 
-# %% ../nbs/04a_audio_datasets.ipynb #421978b4
+# %% ../nbs/04a_audio_datasets.ipynb #d70c974f
 class AudioCorpus:
     "The audio files of a folder, in sorted order, the MIDI file beside each (when there is one) and the other files found."
     def __init__(self, root: Path,  # the corpus folder
                  files: Sequence[CorpusFile],  # its audio files
                  midi: dict | None = None,  # audio name → name of the MIDI file beside it
-                 ignored: Sequence[str] = ()):  # other (non-hidden) files found, by relative name
+                 ignored: Sequence[str] = (),  # other (non-hidden) files found, by relative name
+                 ):
         self.root, self.files, self.midi, self.ignored = Path(root), list(files), dict(midi or {}), list(ignored)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike,  # folder of audio files
-                    recursive: bool = True):  # also look in sub-folders
+                    recursive: bool = True,  # also look in sub-folders
+                    ):
         "Every audio file under `folder`; a missing folder or one without audio files raises `DatasetError`."
         root = Path(folder).expanduser()
         if not root.exists(): raise DatasetError(f"audio corpus folder {str(root)!r} does not exist")
@@ -188,14 +190,16 @@ class AudioCorpus:
         "Relative names of the audio files, in corpus order."
         return [f.name for f in self.files]
 
-    def midi_path(self, name: str) -> Path | None:  # an audio file's relative name
+    def midi_path(self,
+                  name: str,  # an audio file's relative name
+                  ) -> Path | None:
         "The MIDI file beside audio file `name` (its note labels), or None."
         return self.root/self.midi[name] if name in self.midi else None
 
     def __len__(self): return len(self.files)
     def __repr__(self): return f"AudioCorpus({str(self.root)!r}, {len(self.files)} audio files, {len(self.midi)} with MIDI, {len(self.ignored)} ignored)"
 
-# %% ../nbs/04a_audio_datasets.ipynb #621c0861
+# %% ../nbs/04a_audio_datasets.ipynb #4f517bbf
 AUDIO_CACHE_FORMAT_VERSION = 1
 AUDIO_CACHE_DIR = "audio_cache"        # default caches live in `kelly_path(AUDIO_CACHE_DIR, ...)`
 AUDIO_CACHE_MANIFEST = "manifest.json"
@@ -238,11 +242,12 @@ def _decode_all(paths: Sequence[Path], sample_rate: int, dtype: str, workers: in
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         yield from pool.map(_decode_job, jobs, chunksize=max(1, min(_MAX_CHUNK, len(jobs) // (4 * workers))))
 
-# %% ../nbs/04a_audio_datasets.ipynb #83b4abf8
+# %% ../nbs/04a_audio_datasets.ipynb #c71140f9
 class AudioCache:
     "An audio corpus decoded once: a memory-mapped flat array of samples at one rate plus file offsets, checked against its manifest."
     def __init__(self, folder: str | os.PathLike,  # a cache folder written by `AudioCache.for_corpus`
-                 verify: bool = True):  # check the SHA-256 of the sample file (sizes are always checked)
+                 verify: bool = True,  # check the SHA-256 of the sample file (sizes are always checked)
+                 ):
         "Open the cache in `folder`; a missing, unreadable, truncated or corrupt cache raises `DatasetError`."
         self.folder = Path(folder)
         m = _load_manifest(self.folder)
@@ -263,7 +268,8 @@ class AudioCache:
                    workers: int | None = None,  # decoding processes (default: every core)
                    progress: bool = True,  # show a progress bar while decoding
                    rehash: bool = False,  # hash every file instead of trusting unchanged size and mtime
-                   verify: bool = True):  # check the sample file's SHA-256 when reusing a cache
+                   verify: bool = True,  # check the sample file's SHA-256 when reusing a cache
+                   ):
         "The cache of `corpus` at `sample_rate`: reused when current and intact, (re)built otherwise."
         if dtype not in CACHE_DTYPES: raise DatasetError(f"audio cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
         if int(sample_rate) != sample_rate or sample_rate <= 0: raise DatasetError(f"audio cache sample_rate must be a positive whole number, got {sample_rate}")
@@ -311,11 +317,16 @@ class AudioCache:
         "`(file name, reason)` of every corpus file that could not be decoded."
         return [tuple(s) for s in self.manifest["skipped"]]
 
-    def midi_path(self, i: int) -> Path | None:  # file index
+    def midi_path(self,
+                  i: int,  # file index
+                  ) -> Path | None:
         "The MIDI file beside file `i` in the corpus (its note labels), or None."
         return Path(self.manifest["corpus"])/self.midi[i] if self.midi[i] else None
 
-    def read(self, start: int, stop: int) -> np.ndarray:  # a range of the flat array
+    def read(self,
+             start: int,
+             stop: int,  # a range of the flat array
+             ) -> np.ndarray:
         "float32 samples `start:stop` of the flat array, read with one positional read (nothing stays resident)."
         if not hasattr(os, "pread"): return _decode_samples(np.array(self.samples[start:stop]))
         if self._fd is None: self._fd = os.open(self.folder/self.manifest["samples"]["file"], os.O_RDONLY)
@@ -324,7 +335,9 @@ class AudioCache:
         if len(data) != n: raise _damaged(self.folder, f"sample file ended after {start * self.dtype.itemsize + len(data)} bytes (truncated while open?)")
         return _decode_samples(np.frombuffer(data, self.dtype))
 
-    def doc(self, i: int) -> np.ndarray:  # file index
+    def doc(self,
+            i: int,  # file index
+            ) -> np.ndarray:
         "All samples of file `i`, float32."
         return self.read(int(self.offsets[i]), int(self.offsets[i + 1]))
 
@@ -416,14 +429,15 @@ def _build_cache(folder: Path, corpus: AudioCorpus, sample_rate: int, dtype: str
     if skipped: logger.warning("skipped %d of %d audio files in %s that could not be read; see %s", len(skipped), len(corpus), corpus.root, folder/AUDIO_CACHE_REPORT)
     logger.info("cached %d files (%.2f h at %d Hz) from %s into %s", len(docs), n / sample_rate / 3600, sample_rate, corpus.root, folder)
 
-# %% ../nbs/04a_audio_datasets.ipynb #96f448a0
+# %% ../nbs/04a_audio_datasets.ipynb #bdd93abc
 RESAMPLE_MARGIN = 64   # source samples read beyond each end of a pitch-shifted crop, so the resampler has context
 
 class AudioWindows:
     "Crops of `length` samples over files of an `AudioCache`; past a file's end, zeros."
     def __init__(self, cache: AudioCache,  # the decoded corpus
                  length: int,  # samples per crop
-                 docs: Sequence[int] | None = None):  # indices of the cache's files to use (default: all)
+                 docs: Sequence[int] | None = None,  # indices of the cache's files to use (default: all)
+                 ):
         if length < 1: raise DatasetError(f"crop length must be at least 1 sample, got {length}")
         self.cache, self.length = cache, int(length)
         self.docs = np.arange(len(cache), dtype=np.int64) if docs is None else np.asarray(docs, dtype=np.int64)
@@ -432,7 +446,8 @@ class AudioWindows:
 
     def span(self, doc: int,  # position in `self.docs`
              lo: int,  # first sample (may be negative)
-             hi: int) -> np.ndarray:  # one past the last sample (may be past the end)
+             hi: int,  # one past the last sample (may be past the end)
+             ) -> np.ndarray:
         "float32 samples `lo:hi` of file `doc`, zeros outside it."
         out = np.zeros(max(hi - lo, 0), np.float32)
         d, n = self.docs[doc], int(self.lengths[doc])
@@ -442,13 +457,15 @@ class AudioWindows:
 
     def source(self, doc: int,  # position in `self.docs`
                start: int,  # first sample of the crop in that file
-               ratio: float = 1.0) -> np.ndarray:  # span read per output sample: > 1 raises the pitch
+               ratio: float = 1.0,  # span read per output sample: > 1 raises the pitch
+               ) -> np.ndarray:
         "The samples a crop is resampled from: `ceil(length * ratio)` from `start`, and a margin on both sides unless `ratio` is 1."
         if ratio == 1.0: return self.span(doc, start, start + self.length)
         return self.span(doc, start - RESAMPLE_MARGIN, start + math.ceil(self.length * ratio) + RESAMPLE_MARGIN)
 
     def resample(self, src: np.ndarray,  # what `source` returned for this `ratio`
-                 ratio: float = 1.0) -> np.ndarray:  # span read per output sample
+                 ratio: float = 1.0,  # span read per output sample
+                 ) -> np.ndarray:
         "`src` resampled to exactly `length` samples with soxr (margins dropped); unchanged when `ratio` is 1."
         if ratio == 1.0: return src
         y = soxr.resample(src, ratio, 1.0, quality=RESAMPLE_QUALITY)
@@ -458,7 +475,8 @@ class AudioWindows:
 
     def crop(self, doc: int,  # position in `self.docs`
              start: int,  # first sample of the crop in that file
-             ratio: float = 1.0) -> np.ndarray:  # span read per output sample: > 1 raises the pitch
+             ratio: float = 1.0,  # span read per output sample: > 1 raises the pitch
+             ) -> np.ndarray:
         "`length` float32 samples of file `doc` from `start`, pitch-shifted by resampling when `ratio` is not 1."
         return self.resample(self.source(doc, start, ratio), ratio)
 
@@ -481,7 +499,7 @@ def _check_same(ds: AudioWindows, state: dict, kind: str):
     if state["fingerprint"] != ds.fingerprint():
         raise DatasetError("saved data state was cut from another corpus, sample rate or split; resume with the same data and seed")
 
-# %% ../nbs/04a_audio_datasets.ipynb #d6c302f2
+# %% ../nbs/04a_audio_datasets.ipynb #1922c032
 MAX_GAIN_DB = 24.0       # largest allowed `AudioAugmentConfig.gain_db`
 MAX_PITCH_SHIFT = 4.0    # largest allowed `AudioAugmentConfig.pitch_shift` (semitones; resampling also changes tempo and timbre)
 STREAM_CROP, STREAM_GAIN, STREAM_POLARITY, STREAM_PITCH, STREAM_MIX, STREAM_MIX_LEVEL, STREAM_MIX_CROP = range(7)  # independent draws per crop
@@ -511,7 +529,8 @@ class AudioDraw(NamedTuple):
 class AudioAugmentation:
     "Gain, polarity, pitch shift and mixing of crops; every draw is a pure function of `(seed, epoch, index)`."
     def __init__(self, config: AudioAugmentConfig | None = None,  # how much to vary (default: `AudioAugmentConfig()`)
-                 seed: int = 0):  # seeds every draw
+                 seed: int = 0,  # seeds every draw
+                 ):
         self.config, self.rng = config or AudioAugmentConfig(), CounterRNG(seed)
 
     def draw(self, epoch: int, index: int) -> AudioDraw:
@@ -533,15 +552,17 @@ class AudioAugmentation:
 
     def __repr__(self): return f"AudioAugmentation({self.config}, seed={self.rng.seed})"
 
-# %% ../nbs/04a_audio_datasets.ipynb #ed558fba
+# %% ../nbs/04a_audio_datasets.ipynb #aed5f704
 class RandomCrops(AudioWindows):
     "Training crops drawn uniformly among all crop positions of the selected files, optionally augmented."
-    def __init__(self, cache: AudioCache, length: int,
+    def __init__(self, cache: AudioCache,  # the decoded corpus
+                 length: int,  # samples per crop
                  docs: Sequence[int] | None = None,  # indices of the cache's files (default: all)
                  *,
                  seed: int = 0,  # seeds which crops are drawn
                  crops_per_epoch: int | None = None,  # default: enough crops to cover the selected audio once
-                 augment: AudioAugmentation | None = None):  # varies each crop on the fly
+                 augment: AudioAugmentation | None = None,  # varies each crop on the fly
+                 ):
         super().__init__(cache, length, docs)
         self.rng, self.augment = CounterRNG(seed), augment
         self.cum_starts = np.cumsum(np.maximum(self.lengths - self.length + 1, 1))
@@ -582,9 +603,11 @@ class RandomCrops(AudioWindows):
 
 class SlidingCrops(AudioWindows):
     "Validation crops: every selected file in steps of `stride`, deterministic."
-    def __init__(self, cache: AudioCache, length: int,
+    def __init__(self, cache: AudioCache,  # the decoded corpus
+                 length: int,  # samples per crop
                  docs: Sequence[int] | None = None,  # indices of the cache's files (default: all)
-                 stride: int | None = None):  # step between crop starts (default: `length`)
+                 stride: int | None = None,  # step between crop starts (default: `length`)
+                 ):
         super().__init__(cache, length, docs)
         self.stride = int(stride or self.length)
         if not 1 <= self.stride <= self.length: raise DatasetError(f"stride must be in [1, length={self.length}], got {stride}")
@@ -611,7 +634,7 @@ class SlidingCrops(AudioWindows):
         _check_same(self, state, "sliding")
         if state["stride"] != self.stride: raise DatasetError(f"saved data state has stride {state['stride']}, this dataset {self.stride}")
 
-# %% ../nbs/04a_audio_datasets.ipynb #05b07e48
+# %% ../nbs/04a_audio_datasets.ipynb #843b8da1
 def _shard(ds: AudioWindows, rank: int, world_size: int) -> np.ndarray:
     "Crop indices of one rank, interleaved, equal counts on every rank: training drops the remainder, validation wraps around."
     n = len(ds)
@@ -628,7 +651,8 @@ class AudioLoader(WindowLoader):
                  epoch: int = 0,  # epoch to start in
                  position: int = 0,  # batches of that epoch already consumed
                  drop_last: bool | None = None,  # drop a last partial batch (default: for training crops only)
-                 **kwargs):  # passed to fastai's `DataLoader` (`num_workers`, `device`, ...)
+                 **kwargs,  # passed to fastai's `DataLoader` (`num_workers`, `device`, ...)
+                 ):
         if not isinstance(dataset, AudioWindows): raise DatasetError(f"AudioLoader needs RandomCrops or SlidingCrops, got {type(dataset).__name__}")
         if not 0 <= rank < world_size: raise DatasetError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if kwargs.pop("shuffle", False): raise DatasetError("AudioLoader does not shuffle: the order comes from the dataset's seed")
@@ -643,7 +667,7 @@ class AudioLoader(WindowLoader):
         "This rank's crop indices for the rest of the current epoch."
         return _shard(self.dataset, self.rank, self.world_size)[self.position * self.bs:].tolist()
 
-# %% ../nbs/04a_audio_datasets.ipynb #5d14feb8
+# %% ../nbs/04a_audio_datasets.ipynb #669616b8
 @dataclasses.dataclass
 class AudioDataConfig(Config):
     "How an audio corpus becomes batches of fixed-length crops."
