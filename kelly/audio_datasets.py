@@ -11,7 +11,7 @@ __all__ = ['logger', 'BACH_AUDIO_FOLDER', 'BACH_AUDIO_MANIFEST', 'BACH_AUDIO_FOR
            'AudioAugmentConfig', 'AudioDraw', 'AudioAugmentation', 'RandomCrops', 'SlidingCrops', 'AudioLoader',
            'AudioDataConfig', 'audio_dataloaders']
 
-# %% ../nbs/04a_audio_datasets.ipynb #79df5ed1
+# %% ../nbs/04a_audio_datasets.ipynb #39f6ec21
 import dataclasses
 import hashlib
 import json
@@ -37,10 +37,10 @@ from .datasets import (BACH_MANIFEST, CorpusFile, CounterRNG, DatasetError, Wind
                             corpus_file_index, corpus_key, split_by_piece, _check_index, _folder_lock, _progress,
                             _read_json, _walk_files, _write_json, _write_offsets)
 
-# %% ../nbs/04a_audio_datasets.ipynb #037a7191
+# %% ../nbs/04a_audio_datasets.ipynb #eb9248cd
 logger = get_logger("kelly.audio_datasets")   # the same logger in the notebook and in the module
 
-# %% ../nbs/04a_audio_datasets.ipynb #97c292f5
+# %% ../nbs/04a_audio_datasets.ipynb #1e5aec03
 BACH_AUDIO_FOLDER = "bach_chorales_audio"        # folder name prefix under `kelly_path("corpora")`
 BACH_AUDIO_MANIFEST = ".kelly_bach_audio.json"   # hidden, so corpus discovery never mistakes it for data
 BACH_AUDIO_FORMAT_VERSION = 1
@@ -148,7 +148,7 @@ def _render_bach(folder: Path, midi_folder: Path, manifest: dict | None, limit: 
     _write_json(path, manifest)
     return folder
 
-# %% ../nbs/04a_audio_datasets.ipynb #d70c974f
+# %% ../nbs/04a_audio_datasets.ipynb #4e1fb3bb
 class AudioCorpus:
     "The audio files of a folder, in sorted order, the MIDI file beside each (when there is one) and the other files found."
     def __init__(self, root: Path,  # the corpus folder
@@ -199,7 +199,7 @@ class AudioCorpus:
     def __len__(self): return len(self.files)
     def __repr__(self): return f"AudioCorpus({str(self.root)!r}, {len(self.files)} audio files, {len(self.midi)} with MIDI, {len(self.ignored)} ignored)"
 
-# %% ../nbs/04a_audio_datasets.ipynb #4f517bbf
+# %% ../nbs/04a_audio_datasets.ipynb #5cae1368
 AUDIO_CACHE_FORMAT_VERSION = 1
 AUDIO_CACHE_DIR = "audio_cache"        # default caches live in `kelly_path(AUDIO_CACHE_DIR, ...)`
 AUDIO_CACHE_MANIFEST = "manifest.json"
@@ -242,7 +242,7 @@ def _decode_all(paths: Sequence[Path], sample_rate: int, dtype: str, workers: in
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         yield from pool.map(_decode_job, jobs, chunksize=max(1, min(_MAX_CHUNK, len(jobs) // (4 * workers))))
 
-# %% ../nbs/04a_audio_datasets.ipynb #c71140f9
+# %% ../nbs/04a_audio_datasets.ipynb #b943b368
 class AudioCache:
     "An audio corpus decoded once: a memory-mapped flat array of samples at one rate plus file offsets, checked against its manifest."
     def __init__(self, folder: str | os.PathLike,  # a cache folder written by `AudioCache.for_corpus`
@@ -429,7 +429,7 @@ def _build_cache(folder: Path, corpus: AudioCorpus, sample_rate: int, dtype: str
     if skipped: logger.warning("skipped %d of %d audio files in %s that could not be read; see %s", len(skipped), len(corpus), corpus.root, folder/AUDIO_CACHE_REPORT)
     logger.info("cached %d files (%.2f h at %d Hz) from %s into %s", len(docs), n / sample_rate / 3600, sample_rate, corpus.root, folder)
 
-# %% ../nbs/04a_audio_datasets.ipynb #bdd93abc
+# %% ../nbs/04a_audio_datasets.ipynb #64c8d17e
 RESAMPLE_MARGIN = 64   # source samples read beyond each end of a pitch-shifted crop, so the resampler has context
 
 class AudioWindows:
@@ -499,7 +499,7 @@ def _check_same(ds: AudioWindows, state: dict, kind: str):
     if state["fingerprint"] != ds.fingerprint():
         raise DatasetError("saved data state was cut from another corpus, sample rate or split; resume with the same data and seed")
 
-# %% ../nbs/04a_audio_datasets.ipynb #1922c032
+# %% ../nbs/04a_audio_datasets.ipynb #5a067743
 MAX_GAIN_DB = 24.0       # largest allowed `AudioAugmentConfig.gain_db`
 MAX_PITCH_SHIFT = 4.0    # largest allowed `AudioAugmentConfig.pitch_shift` (semitones; resampling also changes tempo and timbre)
 STREAM_CROP, STREAM_GAIN, STREAM_POLARITY, STREAM_PITCH, STREAM_MIX, STREAM_MIX_LEVEL, STREAM_MIX_CROP = range(7)  # independent draws per crop
@@ -552,7 +552,7 @@ class AudioAugmentation:
 
     def __repr__(self): return f"AudioAugmentation({self.config}, seed={self.rng.seed})"
 
-# %% ../nbs/04a_audio_datasets.ipynb #aed5f704
+# %% ../nbs/04a_audio_datasets.ipynb #63f9ac19
 class RandomCrops(AudioWindows):
     "Training crops drawn uniformly among all crop positions of the selected files, optionally augmented."
     def __init__(self, cache: AudioCache,  # the decoded corpus
@@ -634,7 +634,7 @@ class SlidingCrops(AudioWindows):
         _check_same(self, state, "sliding")
         if state["stride"] != self.stride: raise DatasetError(f"saved data state has stride {state['stride']}, this dataset {self.stride}")
 
-# %% ../nbs/04a_audio_datasets.ipynb #843b8da1
+# %% ../nbs/04a_audio_datasets.ipynb #206cf310
 def _shard(ds: AudioWindows, rank: int, world_size: int) -> np.ndarray:
     "Crop indices of one rank, interleaved, equal counts on every rank: training drops the remainder, validation wraps around."
     n = len(ds)
@@ -667,7 +667,7 @@ class AudioLoader(WindowLoader):
         "This rank's crop indices for the rest of the current epoch."
         return _shard(self.dataset, self.rank, self.world_size)[self.position * self.bs:].tolist()
 
-# %% ../nbs/04a_audio_datasets.ipynb #669616b8
+# %% ../nbs/04a_audio_datasets.ipynb #6bb4371c
 @dataclasses.dataclass
 class AudioDataConfig(Config):
     "How an audio corpus becomes batches of fixed-length crops."

@@ -1,6 +1,6 @@
 """The audio datasets under real processes and real files: a SIGKILL in the middle of rendering and a resume that
 renders only what is missing, FluidSynth missing, corrupt files in a folder, the same augmented crop in a fresh
-process, and two torchrun ranks that split the crops between them."""
+process, two torchrun ranks that split the crops between them, and a cache build killed and rebuilt."""
 import hashlib
 import json
 import os
@@ -18,7 +18,7 @@ from kelly.audio import AudioError, load_audio, save_audio
 from kelly.audio_datasets import (AUDIO_CACHE_REPORT, BACH_AUDIO_MANIFEST, AudioAugmentation, AudioCache, AudioCorpus,
                                   AudioDataConfig, RandomCrops, audio_dataloaders, bach_chorales_audio)
 from kelly.core import sha256_file
-from kelly.datasets import bach_chorales
+from kelly.datasets import DatasetError, bach_chorales
 
 KILL_LIMIT = 10          # chorales in the interrupted render
 POLL_S, WAIT_S = 0.05, 300
@@ -175,3 +175,40 @@ json.dump({{"idxs": idxs, "locs": locs, "n_batches": len(batches), "first": batc
     assert r0["epoch"] == r1["epoch"] == 1
     assert sorted(set(r0["valid"]) | set(r1["valid"])) == list(range(r0["n_valid"]))   # validation covered, wrapping around
     assert len(r0["valid"]) == len(r1["valid"])
+
+
+def test_concurrent_renderers_share_one_render(home, tmp_path):
+    bach_chorales(limit=2, progress=False)
+    folder = tmp_path/"audio"
+    code = ("from kelly.core import setup_logging; setup_logging('INFO'); from kelly.audio_datasets import bach_chorales_audio; "
+            f"bach_chorales_audio(2, folder={str(folder)!r}, workers=1, progress=False)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=WAIT_S)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert sum(log.count("rendering 2 of 2 Bach chorales") for log in logs) == 1, logs   # one rendered, the other waited
+    assert _manifest(folder)["complete"] and len(_ok(folder)) == 2
+
+
+def test_cache_build_killed_then_rebuilt(tmp_path):
+    folder = tmp_path/"corpus"
+    for i in range(1500):   # many short files: the build takes long enough to be caught mid-way
+        save_audio(folder/f"c{i // 500}"/f"{i:04d}.wav", np.full(1600, (i % 200 - 100) / 200), SR)
+    cache_dir = tmp_path/"cache"
+    code = f"from kelly.audio_datasets import AudioCache; AudioCache.for_corpus({str(folder)!r}, folder={str(cache_dir)!r}, workers=2, progress=False)"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        def writing(): return any(p.stat().st_size > 0 for p in cache_dir.glob(".samples-*.tmp")) if cache_dir.is_dir() else False
+        while not writing() and proc.poll() is None and time.monotonic() < deadline: time.sleep(0.01)
+        assert proc.poll() is None, "the cache build finished before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGKILL)   # the builder and its decoding workers
+    finally:
+        if proc.poll() is None: os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (cache_dir/"manifest.json").exists()   # the manifest comes last: no half-built cache is ever published
+    with pytest.raises(DatasetError, match="no manifest.json"): AudioCache(cache_dir)
+    cache = AudioCache.for_corpus(folder, folder=cache_dir, workers=2, progress=False)
+    assert len(cache) == 1500 and cache.skipped == [] and cache.n_samples == 1500 * 1600
+    assert not list(cache_dir.glob(".*.tmp"))   # the killed build's temporary file is gone
+    i = 1234
+    assert np.allclose(cache.doc(cache.names.index(f"c{i // 500}/{i:04d}.wav")), (i % 200 - 100) / 200, atol=1e-4)
