@@ -9,7 +9,9 @@ __all__ = []
 from .core import *
 from .midi import *
 from .tokenizer import *
+from .audio import *
 from .datasets import *
+from .audio_datasets import *
 from .models import *
 from .losses import *
 from .metrics import *

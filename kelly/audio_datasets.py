@@ -28,14 +28,14 @@ import soxr
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 
-from .core import Config, ConfigError, atomic_write, get_logger, kelly_path, sha256_file
+from .core import Config, ConfigError, atomic_write, get_logger, kelly_path, sha256_file, write_json
 from .tokenizer import MIDI_SUFFIXES, default_workers
 from .audio import (AUDIO_SUFFIXES, FLUIDSYNTH_GAIN, RENDER_SR, RESAMPLE_QUALITY, AudioError, find_fluidsynth,
                          find_soundfont, load_audio, render_midi, save_audio)
 # the token datasets' building blocks, shared rather than copied (the underscored ones are that module's helpers)
 from .datasets import (BACH_MANIFEST, CorpusFile, CounterRNG, DatasetError, WindowLoader, bach_chorales,
                             corpus_file_index, corpus_key, split_by_piece, _check_index, _folder_lock, _progress,
-                            _read_json, _walk_files, _write_json, _write_offsets)
+                            _read_json, _walk_files, _write_offsets)
 
 # %% ../nbs/04a_audio_datasets.ipynb #eb9248cd
 logger = get_logger("kelly.audio_datasets")   # the same logger in the notebook and in the module
@@ -137,7 +137,7 @@ def _render_bach(folder: Path, midi_folder: Path, manifest: dict | None, limit: 
                 entry = fut.result()
                 if entry["status"] == "failed": logger.warning("could not render %s: %s", entry["midi"], entry["reason"])
                 pieces[audio_name(futures[fut])] = entry
-                _write_json(path, manifest)
+                write_json(path, manifest)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -145,7 +145,7 @@ def _render_bach(folder: Path, midi_folder: Path, manifest: dict | None, limit: 
     if not any(e["status"] == "ok" for e in pieces.values()):
         raise DatasetError(f"no Bach chorale could be rendered in {folder}; reasons are in {path}")
     manifest["complete"] = True
-    _write_json(path, manifest)
+    write_json(path, manifest)
     return folder
 
 # %% ../nbs/04a_audio_datasets.ipynb #4e1fb3bb
@@ -286,7 +286,7 @@ class AudioCache:
                     try: cache = cls(folder, verify=verify)
                     except DatasetError as e: logger.warning("%s; rebuilding it", e)
                     else:
-                        if index != old["files"]: _write_json(folder/AUDIO_CACHE_MANIFEST, {**old, "files": index})  # touched, same bytes
+                        if index != old["files"]: write_json(folder/AUDIO_CACHE_MANIFEST, {**old, "files": index})  # touched, same bytes
                         return cache
                 else: logger.info("rebuilding audio cache %s: %s", folder, why)
             elif (folder/AUDIO_CACHE_MANIFEST).exists(): logger.warning("%s; rebuilding it", unreadable)
@@ -405,7 +405,7 @@ def _build_cache(folder: Path, corpus: AudioCorpus, sample_rate: int, dtype: str
                 f.write(data); digest.update(data)
                 offsets.append(offsets[-1] + len(data) // itemsize); docs.append(name); midi.append(corpus.midi.get(name))
             f.flush(); os.fsync(f.fileno())
-        _write_json(folder/AUDIO_CACHE_REPORT, {
+        write_json(folder/AUDIO_CACHE_REPORT, {
             "corpus": str(corpus.root), "sample_rate": sample_rate, "dtype": dtype, "n_audio_files": len(corpus), "n_cached": len(docs),
             "skipped": [{"file": n, "reason": r} for n, r in skipped],
             "ignored": [{"file": n, "reason": "not an audio file name"} for n in corpus.ignored]})
@@ -420,7 +420,7 @@ def _build_cache(folder: Path, corpus: AudioCorpus, sample_rate: int, dtype: str
         raise
     offsets_file, offsets_entry = _write_offsets(folder, np.asarray(offsets, np.int64))
     n = offsets[-1]
-    _write_json(folder/AUDIO_CACHE_MANIFEST, {
+    write_json(folder/AUDIO_CACHE_MANIFEST, {
         "format": AUDIO_CACHE_FORMAT_VERSION, "sample_rate": sample_rate, "dtype": dtype, "corpus_key": corpus_key(index),
         "corpus": str(corpus.root), "n_samples": n, "samples": {"file": samples_file, "size": n * itemsize, "sha256": digest.hexdigest()},
         "offsets": offsets_entry, "docs": docs, "midi": midi, "skipped": skipped, "files": index})
@@ -606,6 +606,7 @@ class SlidingCrops(AudioWindows):
     def __init__(self, cache: AudioCache,  # the decoded corpus
                  length: int,  # samples per crop
                  docs: Sequence[int] | None = None,  # indices of the cache's files (default: all)
+                 *,
                  stride: int | None = None,  # step between crop starts (default: `length`)
                  ):
         super().__init__(cache, length, docs)
@@ -713,10 +714,10 @@ def audio_dataloaders(source: "str | os.PathLike | AudioCorpus | AudioCache",  #
             raise DatasetError(f"audio cache {str(cache.folder)!r} holds {cache.dtype.name} at {cache.sample_rate} Hz, the config asks for "
                                f"{config.dtype} at {config.sample_rate} Hz: pass the corpus folder instead to build a matching cache")
     else: cache = AudioCache.for_corpus(source, sample_rate=config.sample_rate, dtype=config.dtype, folder=cache_folder, workers=workers, progress=progress)
-    train_docs, valid_docs = split_by_piece(cache.names, config.valid_frac, config.seed, piece_of)
+    train_docs, valid_docs = split_by_piece(cache.names, config.valid_frac, seed=config.seed, piece_of=piece_of)
     augment = AudioAugmentation(config.augment, config.seed) if config.augment is not None else None
     train = RandomCrops(cache, config.length, train_docs, seed=config.seed, crops_per_epoch=config.crops_per_epoch, augment=augment)
-    valid = SlidingCrops(cache, config.length, valid_docs, config.valid_stride)
+    valid = SlidingCrops(cache, config.length, valid_docs, stride=config.valid_stride)
     loaders = [AudioLoader(ds, bs=config.bs, rank=rank, world_size=world_size, num_workers=config.num_workers, device=device) for ds in (train, valid)]
     if len(loaders[0]) == 0:
         raise DatasetError(f"the training split of {cache.manifest['corpus']!r} gives fewer than one batch per rank "
