@@ -436,180 +436,174 @@ def _nearest_index(x: np.ndarray, values: np.ndarray) -> np.ndarray:
     j = np.minimum(np.maximum(np.searchsorted(values, x), 1), len(values) - 1)  # (np.clip is slow on small arrays)
     return np.where(x - values[j - 1] <= values[j] - x, j - 1, j)
 
-@patch
-def _prepare(self: Tokenizer, music: Music) -> tuple[_Prepared, EncodeReport]:
-    "Bring `music` into the vocabulary (see above): flat, sorted arrays plus a report."
-    cfg, tpq, r = self.config, self.config.tpq, EncodeReport()
-    if not isinstance(music, Music): raise TokenizerError(f"encode: expected kelly.midi.Music, got {type(music).__name__}")
-    scale = tpq / music.tpq
-    ts = music.time_signatures
-    if cfg.use_time_signatures:
-        ts, r.time_signatures_replaced = self._supported_time_signatures(ts)
-    else:
-        r.time_signatures_dropped += len(ts); ts = ts[:0]
-    ts, r.time_signatures_moved, merged = snap_time_signatures(ts, scale, tpq)
-    r.time_signatures_dropped += merged
-    notes = music.notes(sort=False)
-    p, drum = notes["pitch"], notes["program"] == DRUM_PROGRAM
-    (lo, hi), (dlo, dhi) = cfg.pitch_range, cfg.drum_pitch_range
-    keep = np.where(drum, (p >= dlo) & (p <= dhi), (p >= lo) & (p <= hi))
-    if not keep.all(): notes, drum, r.notes_dropped = notes[keep], drum[keep], int((~keep).sum())
-    program = notes["program"]
-    bad = (program < 0) | (program > DRUM_PROGRAM)
-    if bad.any(): raise TokenizerError(f"encode: program {int(program[bad][0])} is outside 0-127 (run kelly.midi.repair first)")
-    if not cfg.use_programs:
-        moved = ~drum & (program != 0)
-        r.programs_merged = int(moved.sum()); program = np.where(drum, DRUM_PROGRAM, 0).astype(np.int16)
-    raw_start = notes["start"]
-    r.starts_clamped = int((raw_start < 0).sum())
-    x = np.maximum(raw_start, 0) * scale
-    last = float(x.max()) if len(x) else 0.0
-    bar_table = bars(ts, tpq, int(last) + 2 * self.max_bar_ticks + 1)
-    start = snap_onsets(x, bar_table, offsets=self._offsets, tpq=tpq)
-    r.onsets_moved = int((np.abs(start - x) > 1e-9).sum())
-    d = notes["duration"] * scale
-    duration = nearest_values(d, self.duration_values)
-    r.durations_changed = int((np.abs(duration - d) > 1e-9).sum())
-    r.durations_clipped = int((d > self.duration_values[-1]).sum())
-    v = np.minimum(np.maximum(notes["velocity"], 0), MIDI_MAX)
-    velocity = self._velocity_value_lut[v]
-    r.velocities_changed = int((velocity != notes["velocity"]).sum())
-    pitch = notes["pitch"]
-    order = np.lexsort((velocity, duration, pitch, program, start))
-    start, duration, pitch, velocity, program = start[order], duration[order], pitch[order], velocity[order], program[order]
-    n_bars = int(np.searchsorted(bar_table["start"], start[-1], side="right")) if len(start) else 0
-    used_bars = bar_table[:n_bars]
-    end = int(used_bars["start"][-1] + used_bars["length"][-1]) if n_bars else 0
-    tempo_tick, tempo_index = self._prepare_tempos(music.tempos, scale, bar_table, end, r)
-    keep_ts = ts["tick"] < end
-    r.time_signatures_dropped += int((~keep_ts).sum())
-    ts = ts[keep_ts]
-    if cfg.use_time_signatures and n_bars and (len(ts) == 0 or ts["tick"][0] > 0):
-        ts = np.concatenate([np.array([(0, *DEFAULT_TIME_SIGNATURE)], TIME_SIGNATURE_DTYPE), ts])
-        if len(ts) > 1 and tuple(ts[1].tolist()[1:]) == DEFAULT_TIME_SIGNATURE:
-            ts = np.delete(ts, 1); r.time_signatures_dropped += 1
-    ts_index = np.array([self._ts_index[(n, d)] for _, n, d in ts.tolist()], np.int64)
-    r.notes = len(start)
-    return _Prepared(start, duration, pitch.astype(np.int64), velocity.astype(np.int64), program.astype(np.int64),
-                     used_bars, tempo_tick, tempo_index, ts["tick"].astype(np.int64), ts_index), r
+class Tokenizer(Tokenizer):
+    __doc__ = Tokenizer.__doc__  # one class, built up section by section
 
-@patch
-def _supported_time_signatures(self: Tokenizer, ts: np.ndarray) -> tuple[np.ndarray, int]:
-    "Time signatures without a token replaced by one with the same bar length (the first listed), else 4/4."
-    ts = ts.copy()
-    replaced = 0
-    for i, (tick, n, d) in enumerate(ts.tolist()):
-        if (n, d) in self._ts_index: continue
-        same = [s for s in self.time_signatures if s[0] * d == n * s[1]]
-        ts[i]["numerator"], ts[i]["denominator"] = same[0] if same else DEFAULT_TIME_SIGNATURE
-        replaced += 1
-    return ts, replaced
+    def _prepare(self, music: Music) -> tuple[_Prepared, EncodeReport]:
+        "Bring `music` into the vocabulary (see above): flat, sorted arrays plus a report."
+        cfg, tpq, r = self.config, self.config.tpq, EncodeReport()
+        if not isinstance(music, Music): raise TokenizerError(f"encode: expected kelly.midi.Music, got {type(music).__name__}")
+        scale = tpq / music.tpq
+        ts = music.time_signatures
+        if cfg.use_time_signatures:
+            ts, r.time_signatures_replaced = self._supported_time_signatures(ts)
+        else:
+            r.time_signatures_dropped += len(ts); ts = ts[:0]
+        ts, r.time_signatures_moved, merged = snap_time_signatures(ts, scale, tpq)
+        r.time_signatures_dropped += merged
+        notes = music.notes(sort=False)
+        p, drum = notes["pitch"], notes["program"] == DRUM_PROGRAM
+        (lo, hi), (dlo, dhi) = cfg.pitch_range, cfg.drum_pitch_range
+        keep = np.where(drum, (p >= dlo) & (p <= dhi), (p >= lo) & (p <= hi))
+        if not keep.all(): notes, drum, r.notes_dropped = notes[keep], drum[keep], int((~keep).sum())
+        program = notes["program"]
+        bad = (program < 0) | (program > DRUM_PROGRAM)
+        if bad.any(): raise TokenizerError(f"encode: program {int(program[bad][0])} is outside 0-127 (run kelly.midi.repair first)")
+        if not cfg.use_programs:
+            moved = ~drum & (program != 0)
+            r.programs_merged = int(moved.sum()); program = np.where(drum, DRUM_PROGRAM, 0).astype(np.int16)
+        raw_start = notes["start"]
+        r.starts_clamped = int((raw_start < 0).sum())
+        x = np.maximum(raw_start, 0) * scale
+        last = float(x.max()) if len(x) else 0.0
+        bar_table = bars(ts, tpq, int(last) + 2 * self.max_bar_ticks + 1)
+        start = snap_onsets(x, bar_table, offsets=self._offsets, tpq=tpq)
+        r.onsets_moved = int((np.abs(start - x) > 1e-9).sum())
+        d = notes["duration"] * scale
+        duration = nearest_values(d, self.duration_values)
+        r.durations_changed = int((np.abs(duration - d) > 1e-9).sum())
+        r.durations_clipped = int((d > self.duration_values[-1]).sum())
+        v = np.minimum(np.maximum(notes["velocity"], 0), MIDI_MAX)
+        velocity = self._velocity_value_lut[v]
+        r.velocities_changed = int((velocity != notes["velocity"]).sum())
+        pitch = notes["pitch"]
+        order = np.lexsort((velocity, duration, pitch, program, start))
+        start, duration, pitch, velocity, program = start[order], duration[order], pitch[order], velocity[order], program[order]
+        n_bars = int(np.searchsorted(bar_table["start"], start[-1], side="right")) if len(start) else 0
+        used_bars = bar_table[:n_bars]
+        end = int(used_bars["start"][-1] + used_bars["length"][-1]) if n_bars else 0
+        tempo_tick, tempo_index = self._prepare_tempos(music.tempos, scale, bar_table, end, r)
+        keep_ts = ts["tick"] < end
+        r.time_signatures_dropped += int((~keep_ts).sum())
+        ts = ts[keep_ts]
+        if cfg.use_time_signatures and n_bars and (len(ts) == 0 or ts["tick"][0] > 0):
+            ts = np.concatenate([np.array([(0, *DEFAULT_TIME_SIGNATURE)], TIME_SIGNATURE_DTYPE), ts])
+            if len(ts) > 1 and tuple(ts[1].tolist()[1:]) == DEFAULT_TIME_SIGNATURE:
+                ts = np.delete(ts, 1); r.time_signatures_dropped += 1
+        ts_index = np.array([self._ts_index[(n, d)] for _, n, d in ts.tolist()], np.int64)
+        r.notes = len(start)
+        return _Prepared(start, duration, pitch.astype(np.int64), velocity.astype(np.int64), program.astype(np.int64),
+                         used_bars, tempo_tick, tempo_index, ts["tick"].astype(np.int64), ts_index), r
 
-@patch
-def _prepare_tempos(self: Tokenizer, tempos: np.ndarray, scale: float, bar_table: np.ndarray, end: int, r: EncodeReport):
-    "Tempo changes snapped, binned and cut to [0, end); 120 qpm made explicit at 0; repeats dropped."
-    if not self.config.use_tempos or end == 0:
-        r.tempos_dropped += len(tempos)
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    ok = np.isfinite(tempos["qpm"]) & (tempos["qpm"] > 0)
-    tempos = tempos[ok]
-    tick = snap_onsets(np.maximum(tempos["tick"], 0) * scale, bar_table, offsets=self._offsets, tpq=self.config.tpq)
-    inside = tick < end
-    qpm = tempos["qpm"][inside]
-    tick = tick[inside]
-    r.tempos_dropped += int((~ok).sum() + (~inside).sum())
-    if len(tick) == 0 or tick[0] > 0:
-        tick, qpm = np.concatenate([[0], tick]), np.concatenate([[DEFAULT_QPM], qpm])
-    index = _nearest_index(np.log(qpm), np.log(self.tempo_values))
-    r.tempos_changed += int((np.abs(self.tempo_values[index] - qpm) > 1e-9).sum())
-    last_on_tick = np.append(tick[1:] != tick[:-1], True)  # several on one tick: the last one holds
-    tick, index = tick[last_on_tick], index[last_on_tick]
-    changed = np.concatenate([[True], index[1:] != index[:-1]])  # a repeated tempo changes nothing
-    r.tempos_dropped += int((~last_on_tick).sum() + (~changed).sum())
-    return tick[changed].astype(np.int64), index[changed].astype(np.int64)
+    def _supported_time_signatures(self, ts: np.ndarray) -> tuple[np.ndarray, int]:
+        "Time signatures without a token replaced by one with the same bar length (the first listed), else 4/4."
+        ts = ts.copy()
+        replaced = 0
+        for i, (tick, n, d) in enumerate(ts.tolist()):
+            if (n, d) in self._ts_index: continue
+            same = [s for s in self.time_signatures if s[0] * d == n * s[1]]
+            ts[i]["numerator"], ts[i]["denominator"] = same[0] if same else DEFAULT_TIME_SIGNATURE
+            replaced += 1
+        return ts, replaced
 
-@patch
-def _to_music(self: Tokenizer, prep: _Prepared) -> Music:
-    "A `Music` at the tokenizer's tpq from prepared arrays: one track per program (ascending, drums last)."
-    order = np.lexsort((prep.velocity, prep.duration, prep.pitch, prep.start, prep.program))
-    prog = prep.program[order]
-    cuts = np.flatnonzero(np.diff(prog)) + 1
-    tracks = []
-    for idx in np.split(order, cuts) if len(order) else []:
-        p = int(prep.program[idx[0]])
-        tracks.append(Track(program=0 if p == DRUM_PROGRAM else p, is_drum=p == DRUM_PROGRAM, pitch=prep.pitch[idx],
-                            start=prep.start[idx], duration=prep.duration[idx], velocity=prep.velocity[idx]))
-    tempos = np.zeros(len(prep.tempo_tick), TEMPO_DTYPE)
-    tempos["tick"], tempos["qpm"] = prep.tempo_tick, self.tempo_values[prep.tempo_index] if len(prep.tempo_index) else []
-    ts = np.zeros(len(prep.ts_tick), TIME_SIGNATURE_DTYPE)
-    if len(ts):
-        nd = np.array(self.time_signatures)[prep.ts_index]
-        ts["tick"], ts["numerator"], ts["denominator"] = prep.ts_tick, nd[:, 0], nd[:, 1]
-    return Music(self.config.tpq, tracks, tempos, ts)
+    def _prepare_tempos(self, tempos: np.ndarray, scale: float, bar_table: np.ndarray, end: int, r: EncodeReport):
+        "Tempo changes snapped, binned and cut to [0, end); 120 qpm made explicit at 0; repeats dropped."
+        if not self.config.use_tempos or end == 0:
+            r.tempos_dropped += len(tempos)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        ok = np.isfinite(tempos["qpm"]) & (tempos["qpm"] > 0)
+        tempos = tempos[ok]
+        tick = snap_onsets(np.maximum(tempos["tick"], 0) * scale, bar_table, offsets=self._offsets, tpq=self.config.tpq)
+        inside = tick < end
+        qpm = tempos["qpm"][inside]
+        tick = tick[inside]
+        r.tempos_dropped += int((~ok).sum() + (~inside).sum())
+        if len(tick) == 0 or tick[0] > 0:
+            tick, qpm = np.concatenate([[0], tick]), np.concatenate([[DEFAULT_QPM], qpm])
+        index = _nearest_index(np.log(qpm), np.log(self.tempo_values))
+        r.tempos_changed += int((np.abs(self.tempo_values[index] - qpm) > 1e-9).sum())
+        last_on_tick = np.append(tick[1:] != tick[:-1], True)  # several on one tick: the last one holds
+        tick, index = tick[last_on_tick], index[last_on_tick]
+        changed = np.concatenate([[True], index[1:] != index[:-1]])  # a repeated tempo changes nothing
+        r.tempos_dropped += int((~last_on_tick).sum() + (~changed).sum())
+        return tick[changed].astype(np.int64), index[changed].astype(np.int64)
 
-@patch
-def quantize(self: Tokenizer,
-             music: Music,  # any music
-             ) -> tuple[Music, EncodeReport]:
-    "`music` as this tokenizer's tokens can hold it (the reference for round trips), and a report of what changed."
-    prep, report = self._prepare(music)
-    return self._to_music(prep), report
+    def _to_music(self, prep: _Prepared) -> Music:
+        "A `Music` at the tokenizer's tpq from prepared arrays: one track per program (ascending, drums last)."
+        order = np.lexsort((prep.velocity, prep.duration, prep.pitch, prep.start, prep.program))
+        prog = prep.program[order]
+        cuts = np.flatnonzero(np.diff(prog)) + 1
+        tracks = []
+        for idx in np.split(order, cuts) if len(order) else []:
+            p = int(prep.program[idx[0]])
+            tracks.append(Track(program=0 if p == DRUM_PROGRAM else p, is_drum=p == DRUM_PROGRAM, pitch=prep.pitch[idx],
+                                start=prep.start[idx], duration=prep.duration[idx], velocity=prep.velocity[idx]))
+        tempos = np.zeros(len(prep.tempo_tick), TEMPO_DTYPE)
+        tempos["tick"], tempos["qpm"] = prep.tempo_tick, self.tempo_values[prep.tempo_index] if len(prep.tempo_index) else []
+        ts = np.zeros(len(prep.ts_tick), TIME_SIGNATURE_DTYPE)
+        if len(ts):
+            nd = np.array(self.time_signatures)[prep.ts_index]
+            ts["tick"], ts["numerator"], ts["denominator"] = prep.ts_tick, nd[:, 0], nd[:, 1]
+        return Music(self.config.tpq, tracks, tempos, ts)
 
-
+    def quantize(self,
+                 music: Music,  # any music
+                 ) -> tuple[Music, EncodeReport]:
+        "`music` as this tokenizer's tokens can hold it (the reference for round trips), and a report of what changed."
+        prep, report = self._prepare(music)
+        return self._to_music(prep), report
 
 # %% ../nbs/02_tokenizer.ipynb #89ffe9f6
 _KIND_BAR, _KIND_TIME_SIG, _KIND_POSITION, _KIND_TEMPO, _KIND_NOTE = range(5)  # order of events at one tick
+
 _N_KINDS = 8
 
-@patch
-def _encode_prepared(self: Tokenizer, prep: _Prepared, add_special: bool) -> np.ndarray:
-    "Token ids (int32) for prepared music."
-    n = len(prep.start)
-    if n == 0:
-        return np.array([self.bos_id, self.eos_id] if add_special else [], np.int32)
-    bar_start = prep.bars["start"]
-    drum = prep.program == DRUM_PROGRAM
-    note_tokens = np.empty((n, 4), np.int64)
-    note_tokens[:, 0] = np.where(drum, -1, self._program_id0 + prep.program) if self.config.use_programs else -1
-    note_tokens[:, 1] = np.where(drum, self._drum_id0, self._pitch_id0) + prep.pitch
-    note_tokens[:, 2] = self._velocity_id_lut[prep.velocity]
-    note_tokens[:, 3] = self._duration_id0 + np.searchsorted(self.duration_values, prep.duration)
-    flat = note_tokens.ravel()
-    real = flat >= 0
-    event_tick = np.union1d(prep.start, prep.tempo_tick)
-    bar_of = np.searchsorted(bar_start, event_tick, side="right") - 1
-    ids = np.concatenate([np.full(len(bar_start), self.bar_id), self._ts_id0 + prep.ts_index,
-                          self._position_id[event_tick - bar_start[bar_of]], self._tempo_id0 + prep.tempo_index, flat[real]])
-    keys = np.concatenate([bar_start * _N_KINDS + _KIND_BAR, prep.ts_tick * _N_KINDS + _KIND_TIME_SIG,
-                           event_tick * _N_KINDS + _KIND_POSITION, prep.tempo_tick * _N_KINDS + _KIND_TEMPO,
-                           np.repeat(prep.start * _N_KINDS + _KIND_NOTE, 4)[real]])
-    ids = ids[np.argsort(keys, kind="stable")]
-    if add_special: ids = np.concatenate([[self.bos_id], ids, [self.eos_id]])
-    return ids.astype(np.int32)
+class Tokenizer(Tokenizer):
+    __doc__ = Tokenizer.__doc__  # one class, built up section by section
 
-@patch
-def encode_with_report(self: Tokenizer, music: Music,  # what to encode
-                       add_special: bool = True,  # wrap in BOS ... EOS
-                       ) -> tuple[np.ndarray, EncodeReport]:
-    "Token ids (int32) and the `EncodeReport` of what quantizing to the vocabulary changed."
-    prep, report = self._prepare(music)
-    return self._encode_prepared(prep, add_special), report
+    def _encode_prepared(self, prep: _Prepared, add_special: bool) -> np.ndarray:
+        "Token ids (int32) for prepared music."
+        n = len(prep.start)
+        if n == 0:
+            return np.array([self.bos_id, self.eos_id] if add_special else [], np.int32)
+        bar_start = prep.bars["start"]
+        drum = prep.program == DRUM_PROGRAM
+        note_tokens = np.empty((n, 4), np.int64)
+        note_tokens[:, 0] = np.where(drum, -1, self._program_id0 + prep.program) if self.config.use_programs else -1
+        note_tokens[:, 1] = np.where(drum, self._drum_id0, self._pitch_id0) + prep.pitch
+        note_tokens[:, 2] = self._velocity_id_lut[prep.velocity]
+        note_tokens[:, 3] = self._duration_id0 + np.searchsorted(self.duration_values, prep.duration)
+        flat = note_tokens.ravel()
+        real = flat >= 0
+        event_tick = np.union1d(prep.start, prep.tempo_tick)
+        bar_of = np.searchsorted(bar_start, event_tick, side="right") - 1
+        ids = np.concatenate([np.full(len(bar_start), self.bar_id), self._ts_id0 + prep.ts_index,
+                              self._position_id[event_tick - bar_start[bar_of]], self._tempo_id0 + prep.tempo_index, flat[real]])
+        keys = np.concatenate([bar_start * _N_KINDS + _KIND_BAR, prep.ts_tick * _N_KINDS + _KIND_TIME_SIG,
+                               event_tick * _N_KINDS + _KIND_POSITION, prep.tempo_tick * _N_KINDS + _KIND_TEMPO,
+                               np.repeat(prep.start * _N_KINDS + _KIND_NOTE, 4)[real]])
+        ids = ids[np.argsort(keys, kind="stable")]
+        if add_special: ids = np.concatenate([[self.bos_id], ids, [self.eos_id]])
+        return ids.astype(np.int32)
 
-@patch
-def encode(self: Tokenizer, music: Music,  # what to encode
-           add_special: bool = True,  # wrap in BOS ... EOS
-           ) -> np.ndarray:
-    "Token ids (int32) for `music` (quantized by the tokenizer's rules first; see `quantize`)."
-    return self.encode_with_report(music, add_special)[0]
+    def encode_with_report(self, music: Music,  # what to encode
+                           add_special: bool = True,  # wrap in BOS ... EOS
+                           ) -> tuple[np.ndarray, EncodeReport]:
+        "Token ids (int32) and the `EncodeReport` of what quantizing to the vocabulary changed."
+        prep, report = self._prepare(music)
+        return self._encode_prepared(prep, add_special), report
 
-@patch
-def encode_file(self: Tokenizer, path: str | os.PathLike,  # a MIDI file
-                add_special: bool = True,  # wrap in BOS ... EOS
-                ) -> np.ndarray:
-    "Token ids for a MIDI file; unreadable files raise `MidiError` naming the file."
-    return self.encode(load_midi(path), add_special)
+    def encode(self, music: Music,  # what to encode
+               add_special: bool = True,  # wrap in BOS ... EOS
+               ) -> np.ndarray:
+        "Token ids (int32) for `music` (quantized by the tokenizer's rules first; see `quantize`)."
+        return self.encode_with_report(music, add_special)[0]
 
-
+    def encode_file(self, path: str | os.PathLike,  # a MIDI file
+                    add_special: bool = True,  # wrap in BOS ... EOS
+                    ) -> np.ndarray:
+        "Token ids for a MIDI file; unreadable files raise `MidiError` naming the file."
+        return self.encode(load_midi(path), add_special)
 
 # %% ../nbs/02_tokenizer.ipynb #1dc498c4
 @dataclass
@@ -646,95 +640,94 @@ def _shift(a: np.ndarray, k: int, fill: int) -> np.ndarray:
     "`a[i + k]` for every i, `fill` past the end."
     return np.concatenate([a[k:], np.full(min(k, len(a)), fill, a.dtype)])
 
-@patch
-def decode_with_report(self: Tokenizer,
-                       ids,  # any id sequence
-                       ) -> tuple[Music, DecodeReport]:
-    "Music from ids, and a `DecodeReport`; never raises, whatever the ids."
-    cfg = self.config
-    a = _as_id_array(ids)
-    r = DecodeReport(n_ids=len(a))
-    in_range = (a >= 0) & (a < self.vocab_size)
-    r.out_of_range = int((~in_range).sum())
-    a = a[in_range]
-    t = self.type_of[a]
-    eos = np.flatnonzero(t == _EOS)
-    ended = len(eos) > 0
-    if len(eos):
-        r.after_eos = int((t[eos[0] + 1:] != _PAD).sum())
-        a, t = a[:eos[0]], t[:eos[0]]
-    r.mask = int((t == _MASK).sum())
-    keep = (t != _PAD) & (t != _BOS) & (t != _MASK)
-    a, t = a[keep], t[keep]
-    v = self.value_of[a]
-    n = len(a)
-    is_bar = t == _BAR
-    n_bars = int(is_bar.sum())
-    if n_bars == 0:
-        r.misplaced = n
-        return Music(cfg.tpq), r
-    idx = np.arange(n)
-    prev_t = np.concatenate([[-1], t[:-1]]).astype(np.int8)
-    bar_no = np.cumsum(is_bar) - 1
-    bn = np.maximum(bar_no, 0)
-    # bars: metre and start
-    ts_ok = (t == _TIME_SIG) & (prev_t == _BAR)
-    bar_ts = np.full(n_bars, -1, np.int64)
-    bar_ts[bar_no[ts_ok]] = v[ts_ok]
-    if bar_ts[0] < 0: bar_ts[0] = self._default_ts
-    bar_ts = bar_ts[np.maximum.accumulate(np.where(bar_ts >= 0, np.arange(n_bars), 0))]
-    bar_len = self._ts_ticks[bar_ts]
-    bar_start = np.cumsum(bar_len) - bar_len
-    # positions: the grammar's value rule (inside the bar, rising within it), and only after the first Bar
-    is_pos = t == _POSITION
-    pos_ok = is_pos & (bar_no >= 0) & self.grammar.positions_ok(a)
-    last_pos = np.maximum.accumulate(np.where(is_pos, idx, -1))
-    last_bar = np.maximum.accumulate(np.where(is_bar, idx, -1))
-    lp = np.maximum(last_pos, 0)
-    ctx = (last_pos > last_bar) & pos_ok[lp]
-    tick = bar_start[bn[lp]] + v[lp]
-    # tempo and notes at a valid position
-    tempo_ok = (t == _TEMPO) & (prev_t == _POSITION) & ctx
-    t1, t2, t3 = _shift(t, 1, -1), _shift(t, 2, -1), _shift(t, 3, -1)
-    if cfg.use_programs:
-        pitched = (t == _PROGRAM) & (t1 == _PITCH) & (t2 == _VELOCITY) & (t3 == _DURATION) & ctx
-    else:
-        pitched = (t == _PITCH) & (t1 == _VELOCITY) & (t2 == _DURATION) & ctx
-    drums = (t == _PITCH_DRUM) & (t1 == _VELOCITY) & (t2 == _DURATION) & ctx
-    k = 1 if cfg.use_programs else 0  # offset of the Pitch token inside a pitched note
-    pi, di = np.flatnonzero(pitched), np.flatnonzero(drums)
-    used = is_bar | ts_ok | tempo_ok
-    for offs, starts in ((range(k + 3), pi), (range(3), di)):
-        for o in offs: used[starts + o] = True
-    events = np.concatenate([pi, di, np.flatnonzero(tempo_ok)])
-    pos_used = np.zeros(n, bool); pos_used[last_pos[events]] = True
-    used |= pos_used & pos_ok
-    r.unfinished = _unfinished_tail(self.grammar.allowed, t, used, ended)
-    r.misplaced = int(n - used.sum()) - r.unfinished
-    # assemble
-    start = np.concatenate([tick[pi], tick[di]])
-    pitch = np.concatenate([v[pi + k], v[di]])
-    velocity = np.concatenate([v[pi + k + 1], v[di + 1]])
-    duration = np.concatenate([v[pi + k + 2], v[di + 2]])
-    program = np.concatenate([v[pi] if cfg.use_programs else np.zeros(len(pi), np.int64), np.full(len(di), DRUM_PROGRAM)])
-    r.n_notes = len(start)
-    if cfg.use_time_signatures:
-        change = np.concatenate([[True], bar_ts[1:] != bar_ts[:-1]])
-        ts_tick, ts_index = bar_start[change], bar_ts[change]
-    else:
-        ts_tick = ts_index = np.zeros(0, np.int64)
-    ti = np.flatnonzero(tempo_ok)
-    prep = _Prepared(start, duration, pitch, velocity, program, None, tick[ti], v[ti], ts_tick, ts_index)
-    return self._to_music(prep), r
+class Tokenizer(Tokenizer):
+    __doc__ = Tokenizer.__doc__  # one class, built up section by section
 
-@patch
-def decode(self: Tokenizer,
-           ids,  # any id sequence
-           ) -> Music:
-    "Music from ids; never raises (see `decode_with_report` for what was skipped)."
-    return self.decode_with_report(ids)[0]
+    def decode_with_report(self,
+                           ids,  # any id sequence
+                           ) -> tuple[Music, DecodeReport]:
+        "Music from ids, and a `DecodeReport`; never raises, whatever the ids."
+        cfg = self.config
+        a = _as_id_array(ids)
+        r = DecodeReport(n_ids=len(a))
+        in_range = (a >= 0) & (a < self.vocab_size)
+        r.out_of_range = int((~in_range).sum())
+        a = a[in_range]
+        t = self.type_of[a]
+        eos = np.flatnonzero(t == _EOS)
+        ended = len(eos) > 0
+        if len(eos):
+            r.after_eos = int((t[eos[0] + 1:] != _PAD).sum())
+            a, t = a[:eos[0]], t[:eos[0]]
+        r.mask = int((t == _MASK).sum())
+        keep = (t != _PAD) & (t != _BOS) & (t != _MASK)
+        a, t = a[keep], t[keep]
+        v = self.value_of[a]
+        n = len(a)
+        is_bar = t == _BAR
+        n_bars = int(is_bar.sum())
+        if n_bars == 0:
+            r.misplaced = n
+            return Music(cfg.tpq), r
+        idx = np.arange(n)
+        prev_t = np.concatenate([[-1], t[:-1]]).astype(np.int8)
+        bar_no = np.cumsum(is_bar) - 1
+        bn = np.maximum(bar_no, 0)
+        # bars: metre and start
+        ts_ok = (t == _TIME_SIG) & (prev_t == _BAR)
+        bar_ts = np.full(n_bars, -1, np.int64)
+        bar_ts[bar_no[ts_ok]] = v[ts_ok]
+        if bar_ts[0] < 0: bar_ts[0] = self._default_ts
+        bar_ts = bar_ts[np.maximum.accumulate(np.where(bar_ts >= 0, np.arange(n_bars), 0))]
+        bar_len = self._ts_ticks[bar_ts]
+        bar_start = np.cumsum(bar_len) - bar_len
+        # positions: the grammar's value rule (inside the bar, rising within it), and only after the first Bar
+        is_pos = t == _POSITION
+        pos_ok = is_pos & (bar_no >= 0) & self.grammar.positions_ok(a)
+        last_pos = np.maximum.accumulate(np.where(is_pos, idx, -1))
+        last_bar = np.maximum.accumulate(np.where(is_bar, idx, -1))
+        lp = np.maximum(last_pos, 0)
+        ctx = (last_pos > last_bar) & pos_ok[lp]
+        tick = bar_start[bn[lp]] + v[lp]
+        # tempo and notes at a valid position
+        tempo_ok = (t == _TEMPO) & (prev_t == _POSITION) & ctx
+        t1, t2, t3 = _shift(t, 1, -1), _shift(t, 2, -1), _shift(t, 3, -1)
+        if cfg.use_programs:
+            pitched = (t == _PROGRAM) & (t1 == _PITCH) & (t2 == _VELOCITY) & (t3 == _DURATION) & ctx
+        else:
+            pitched = (t == _PITCH) & (t1 == _VELOCITY) & (t2 == _DURATION) & ctx
+        drums = (t == _PITCH_DRUM) & (t1 == _VELOCITY) & (t2 == _DURATION) & ctx
+        k = 1 if cfg.use_programs else 0  # offset of the Pitch token inside a pitched note
+        pi, di = np.flatnonzero(pitched), np.flatnonzero(drums)
+        used = is_bar | ts_ok | tempo_ok
+        for offs, starts in ((range(k + 3), pi), (range(3), di)):
+            for o in offs: used[starts + o] = True
+        events = np.concatenate([pi, di, np.flatnonzero(tempo_ok)])
+        pos_used = np.zeros(n, bool); pos_used[last_pos[events]] = True
+        used |= pos_used & pos_ok
+        r.unfinished = _unfinished_tail(self.grammar.allowed, t, used, ended)
+        r.misplaced = int(n - used.sum()) - r.unfinished
+        # assemble
+        start = np.concatenate([tick[pi], tick[di]])
+        pitch = np.concatenate([v[pi + k], v[di]])
+        velocity = np.concatenate([v[pi + k + 1], v[di + 1]])
+        duration = np.concatenate([v[pi + k + 2], v[di + 2]])
+        program = np.concatenate([v[pi] if cfg.use_programs else np.zeros(len(pi), np.int64), np.full(len(di), DRUM_PROGRAM)])
+        r.n_notes = len(start)
+        if cfg.use_time_signatures:
+            change = np.concatenate([[True], bar_ts[1:] != bar_ts[:-1]])
+            ts_tick, ts_index = bar_start[change], bar_ts[change]
+        else:
+            ts_tick = ts_index = np.zeros(0, np.int64)
+        ti = np.flatnonzero(tempo_ok)
+        prep = _Prepared(start, duration, pitch, velocity, program, None, tick[ti], v[ti], ts_tick, ts_index)
+        return self._to_music(prep), r
 
-
+    def decode(self,
+               ids,  # any id sequence
+               ) -> Music:
+        "Music from ids; never raises (see `decode_with_report` for what was skipped)."
+        return self.decode_with_report(ids)[0]
 
 # %% ../nbs/02_tokenizer.ipynb #de7c7c3e
 def _decode_reference(tok: Tokenizer, ids) -> tuple[list, list, list, int]:
@@ -802,138 +795,131 @@ def count_matching_notes(a: np.ndarray,  # `NOTE_DTYPE` table
     _, ia, ib = np.intersect1d(ua, ub, assume_unique=True, return_indices=True)
     return int(np.minimum(ca[ia], cb[ib]).sum())
 
-@patch
-def roundtrip_with_report(self: Tokenizer,
-                          music: Music,  # any music
-                          ) -> tuple[RoundTrip, EncodeReport]:
-    "How many notes of `self.quantize(music)` come back from `decode(encode(music))`, and what quantizing changed."
-    prep, report = self._prepare(music)
-    reference = self._to_music(prep).notes()
-    decoded = self.decode(self._encode_prepared(prep, add_special=True)).notes()
-    return RoundTrip(count_matching_notes(reference, decoded), len(reference)), report
+class Tokenizer(Tokenizer):
+    __doc__ = Tokenizer.__doc__  # one class, built up section by section
 
-@patch
-def roundtrip(self: Tokenizer,
-              music: Music,  # any music
-              ) -> RoundTrip:
-    "How many notes of `self.quantize(music)` come back from `decode(encode(music))`."
-    return self.roundtrip_with_report(music)[0]
+    def roundtrip_with_report(self,
+                              music: Music,  # any music
+                              ) -> tuple[RoundTrip, EncodeReport]:
+        "How many notes of `self.quantize(music)` come back from `decode(encode(music))`, and what quantizing changed."
+        prep, report = self._prepare(music)
+        reference = self._to_music(prep).notes()
+        decoded = self.decode(self._encode_prepared(prep, add_special=True)).notes()
+        return RoundTrip(count_matching_notes(reference, decoded), len(reference)), report
 
-
+    def roundtrip(self,
+                  music: Music,  # any music
+                  ) -> RoundTrip:
+        "How many notes of `self.quantize(music)` come back from `decode(encode(music))`."
+        return self.roundtrip_with_report(music)[0]
 
 # %% ../nbs/02_tokenizer.ipynb #32e855f4
-@patch
-def to_json(self: Tokenizer) -> str:
-    "The tokenizer as JSON text: format, version, config, vocabulary, hash."
-    return json.dumps({**self._identity(), "hash": self.hash}, indent=1)
+class Tokenizer(Tokenizer):
+    __doc__ = Tokenizer.__doc__  # one class, built up section by section
 
-@patch(cls_method=True)
-def from_json(cls: Tokenizer, text: str,  # text written by `to_json` / `save`
-              source: str = "<json>",  # how errors name where the text came from
-              ) -> Tokenizer:
-    "Rebuild a tokenizer from `to_json` text, refusing edited, foreign or newer files."
-    try:
-        d = json.loads(text)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise TokenizerError(f"{source}: not tokenizer JSON: {e}") from e
-    if not isinstance(d, dict) or d.get("format") != FORMAT_NAME: raise TokenizerError(f"{source}: not a kelly tokenizer file (format {d.get('format') if isinstance(d, dict) else None!r})")
-    version = d.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise TokenizerError(f"{source}: tokenizer format version {version!r} is newer than this kelly reads ({FORMAT_VERSION}); upgrade kelly")
-    try:
-        tok = cls(TokenizerConfig.from_dict(d.get("config")))
-    except ConfigError as e:
-        raise TokenizerError(f"{source}: {e}") from e
-    if d.get("vocab") != tok.vocab: raise TokenizerError(f"{source}: the vocabulary does not match its config (edited file, or written by an incompatible kelly)")
-    if d.get("hash") != tok.hash: raise TokenizerError(f"{source}: hash mismatch ({str(d.get('hash'))[:12]} written, {tok.hash[:12]} rebuilt)")
-    return tok
+    def to_json(self) -> str:
+        "The tokenizer as JSON text: format, version, config, vocabulary, hash."
+        return json.dumps({**self._identity(), "hash": self.hash}, indent=1)
 
-@patch
-def save(self: Tokenizer,
-         path: str | os.PathLike,  # a .json file
-         ) -> Path:
-    "Write `to_json()` to `path`, atomically."
-    path = Path(path)
-    with atomic_write(path) as f: f.write(self.to_json())
-    return path
+    @classmethod
+    def from_json(cls, text: str,  # text written by `to_json` / `save`
+                  source: str = "<json>",  # how errors name where the text came from
+                  ) -> Tokenizer:
+        "Rebuild a tokenizer from `to_json` text, refusing edited, foreign or newer files."
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise TokenizerError(f"{source}: not tokenizer JSON: {e}") from e
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME: raise TokenizerError(f"{source}: not a kelly tokenizer file (format {d.get('format') if isinstance(d, dict) else None!r})")
+        version = d.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise TokenizerError(f"{source}: tokenizer format version {version!r} is newer than this kelly reads ({FORMAT_VERSION}); upgrade kelly")
+        try:
+            tok = cls(TokenizerConfig.from_dict(d.get("config")))
+        except ConfigError as e:
+            raise TokenizerError(f"{source}: {e}") from e
+        if d.get("vocab") != tok.vocab: raise TokenizerError(f"{source}: the vocabulary does not match its config (edited file, or written by an incompatible kelly)")
+        if d.get("hash") != tok.hash: raise TokenizerError(f"{source}: hash mismatch ({str(d.get('hash'))[:12]} written, {tok.hash[:12]} rebuilt)")
+        return tok
 
-@patch(cls_method=True)
-def load(cls: Tokenizer,
-         path: str | os.PathLike,  # a file written by `save`
-         ) -> Tokenizer:
-    "Read a tokenizer saved with `save`; problems raise `TokenizerError` naming the file."
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: cannot read tokenizer: {e}") from e
-    return cls.from_json(text, str(path))
+    def save(self,
+             path: str | os.PathLike,  # a .json file
+             ) -> Path:
+        "Write `to_json()` to `path`, atomically."
+        path = Path(path)
+        with atomic_write(path) as f: f.write(self.to_json())
+        return path
 
-
+    @classmethod
+    def load(cls,
+             path: str | os.PathLike,  # a file written by `save`
+             ) -> Tokenizer:
+        "Read a tokenizer saved with `save`; problems raise `TokenizerError` naming the file."
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{path}: cannot read tokenizer: {e}") from e
+        return cls.from_json(text, str(path))
 
 # %% ../nbs/02_tokenizer.ipynb #3dc31888
-@patch
-def _mask_of(self: Tokenizer, a: np.ndarray, kind: TokenType) -> np.ndarray:
-    return ((a >= 0) & (a < self.vocab_size)) & (self.type_of[np.minimum(np.maximum(a, 0), self.vocab_size - 1)] == kind)
+class Tokenizer(Tokenizer):
+    __doc__ = Tokenizer.__doc__  # one class, built up section by section
 
-@patch
-def pitch_span(self: Tokenizer,
-               ids,  # any ids
-               ) -> tuple[int, int] | None:
-    "(lowest, highest) pitch of the pitched (non-drum) notes in `ids`, or None if there are none."
-    a = np.asarray(ids)
-    m = self._mask_of(a, TokenType.PITCH)
-    if not m.any(): return None
-    p = a[m] - self._pitch_id0
-    return int(p.min()), int(p.max())
+    def _mask_of(self, a: np.ndarray, kind: TokenType) -> np.ndarray:
+        return ((a >= 0) & (a < self.vocab_size)) & (self.type_of[np.minimum(np.maximum(a, 0), self.vocab_size - 1)] == kind)
 
-@patch
-def transpose_range(self: Tokenizer,
-                    ids,  # any ids
-                    ) -> tuple[int, int]:
-    "(lowest, highest) number of semitones `ids` can be transposed by and stay in the pitch range."
-    span = self.pitch_span(ids)
-    lo, hi = self.config.pitch_range
-    return (0, 0) if span is None else (lo - span[0], hi - span[1])
+    def pitch_span(self,
+                   ids,  # any ids
+                   ) -> tuple[int, int] | None:
+        "(lowest, highest) pitch of the pitched (non-drum) notes in `ids`, or None if there are none."
+        a = np.asarray(ids)
+        m = self._mask_of(a, TokenType.PITCH)
+        if not m.any(): return None
+        p = a[m] - self._pitch_id0
+        return int(p.min()), int(p.max())
 
-@patch
-def transpose(self: Tokenizer, ids,  # any ids
-              semitones: int,  # how far to move every pitched note
-              ) -> np.ndarray | None:
-    "A copy of `ids` with every `Pitch` moved by `semitones` (drums untouched), or None if a pitch would leave the range."
-    a = np.array(ids, copy=True)
-    m = self._mask_of(a, TokenType.PITCH)
-    if semitones == 0 or not m.any(): return a
-    lo, hi = self.transpose_range(a)
-    if not lo <= semitones <= hi: return None
-    a[m] += semitones
-    return a
+    def transpose_range(self,
+                        ids,  # any ids
+                        ) -> tuple[int, int]:
+        "(lowest, highest) number of semitones `ids` can be transposed by and stay in the pitch range."
+        span = self.pitch_span(ids)
+        lo, hi = self.config.pitch_range
+        return (0, 0) if span is None else (lo - span[0], hi - span[1])
 
-@patch
-def scale_velocity(self: Tokenizer, ids,  # any ids
-                   factor: float,  # multiply every velocity by this
-                   ) -> np.ndarray:
-    "A copy of `ids` with every velocity multiplied by `factor` (nearest bin, kept within 1-127)."
-    a = np.array(ids, copy=True)
-    m = self._mask_of(a, TokenType.VELOCITY)
-    if m.any():
-        v = np.clip(np.round(self.value_of[a[m]] * factor), 1, MIDI_MAX).astype(np.int64)
-        a[m] = self._velocity_id_lut[v]
-    return a
+    def transpose(self, ids,  # any ids
+                  semitones: int,  # how far to move every pitched note
+                  ) -> np.ndarray | None:
+        "A copy of `ids` with every `Pitch` moved by `semitones` (drums untouched), or None if a pitch would leave the range."
+        a = np.array(ids, copy=True)
+        m = self._mask_of(a, TokenType.PITCH)
+        if semitones == 0 or not m.any(): return a
+        lo, hi = self.transpose_range(a)
+        if not lo <= semitones <= hi: return None
+        a[m] += semitones
+        return a
 
-@patch
-def scale_tempo(self: Tokenizer, ids,  # any ids
-                factor: float,  # multiply every tempo by this
-                ) -> np.ndarray:
-    "A copy of `ids` with every tempo multiplied by `factor` (nearest bin, kept within the tempo range)."
-    a = np.array(ids, copy=True)
-    m = self._mask_of(a, TokenType.TEMPO)
-    if m.any():
-        q = self.tempo_values[self.value_of[a[m]]] * factor
-        a[m] = self._tempo_id0 + _nearest_index(np.log(np.clip(q, self.tempo_values[0], self.tempo_values[-1])), np.log(self.tempo_values))
-    return a
+    def scale_velocity(self, ids,  # any ids
+                       factor: float,  # multiply every velocity by this
+                       ) -> np.ndarray:
+        "A copy of `ids` with every velocity multiplied by `factor` (nearest bin, kept within 1-127)."
+        a = np.array(ids, copy=True)
+        m = self._mask_of(a, TokenType.VELOCITY)
+        if m.any():
+            v = np.clip(np.round(self.value_of[a[m]] * factor), 1, MIDI_MAX).astype(np.int64)
+            a[m] = self._velocity_id_lut[v]
+        return a
 
-
+    def scale_tempo(self, ids,  # any ids
+                    factor: float,  # multiply every tempo by this
+                    ) -> np.ndarray:
+        "A copy of `ids` with every tempo multiplied by `factor` (nearest bin, kept within the tempo range)."
+        a = np.array(ids, copy=True)
+        m = self._mask_of(a, TokenType.TEMPO)
+        if m.any():
+            q = self.tempo_values[self.value_of[a[m]]] * factor
+            a[m] = self._tempo_id0 + _nearest_index(np.log(np.clip(q, self.tempo_values[0], self.tempo_values[-1])), np.log(self.tempo_values))
+        return a
 
 # %% ../nbs/02_tokenizer.ipynb #c21f14af
 MIDI_SUFFIXES = (".mid", ".midi", ".kar", ".smf")  # file endings read as MIDI (any letter case)
