@@ -12,13 +12,13 @@ import argparse
 import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 from fastai.callback.core import Callback
 
 from kelly.distributed import get_rank, setup_rank_logging
+from tiny_train import PauseAt   # the same pause-and-wait-to-be-killed callback as the tiny learner's jobs
 from kelly.trainers import TrainConfig, train
 
 
@@ -30,21 +30,6 @@ class CrashAt(Callback):
 
     def after_batch(self):
         if self.training and self.learn.train_iter == self.step: raise RuntimeError(f"crash at step {self.step}")
-
-
-PAUSE_S = 600  # how long --pause-at waits to be killed
-
-
-class PauseAt(Callback):
-    "After global training step `step` (its update and checkpoint done), say so on stdout and wait to be killed."
-    order = 99
-
-    def __init__(self, step: int): self.step = step
-
-    def after_batch(self):
-        if self.training and self.learn.train_iter == self.step:
-            print(f"PAUSED {self.step}", flush=True)
-            time.sleep(PAUSE_S)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
