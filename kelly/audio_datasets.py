@@ -33,8 +33,8 @@ from .tokenizer import MIDI_SUFFIXES, default_workers
 from .audio import (AUDIO_SUFFIXES, FLUIDSYNTH_GAIN, RENDER_SR, RESAMPLE_QUALITY, AudioError, find_fluidsynth,
                          find_soundfont, load_audio, render_midi, save_audio)
 # the token datasets' building blocks, shared rather than copied (the underscored ones are that module's helpers)
-from .datasets import (BACH_MANIFEST, CorpusFile, CounterRNG, DatasetError, WindowLoader, bach_chorales,
-                            corpus_file_index, corpus_key, split_by_piece, _check_index, _folder_lock, _progress,
+from .datasets import (BACH_MANIFEST, CorpusFile, CounterRNG, DatasetError, WindowLoader, bach_chorales, reuse_or_build,
+                            corpus_key, split_by_piece, _check_index, _folder_lock, _progress,
                             _read_json, _walk_files, _write_offsets)
 
 # %% ../nbs/04a_audio_datasets.ipynb #eb9248cd
@@ -275,25 +275,11 @@ class AudioCache:
         if int(sample_rate) != sample_rate or sample_rate <= 0: raise DatasetError(f"audio cache sample_rate must be a positive whole number, got {sample_rate}")
         if not isinstance(corpus, AudioCorpus): corpus = AudioCorpus.from_folder(corpus)
         folder = Path(folder) if folder is not None else default_audio_cache_folder(corpus, sample_rate, dtype)
-        folder.mkdir(parents=True, exist_ok=True)
-        with _folder_lock(folder):   # a second process waits here, then finds the cache built
-            try: old = _load_manifest(folder)
-            except DatasetError as e: old, unreadable = None, e
-            index = corpus_file_index(corpus, old.get("files") if old else None, rehash)
-            if old is not None:
-                why = _stale_reason(old, int(sample_rate), dtype, corpus_key(index), index)
-                if why is None:
-                    try: cache = cls(folder, verify=verify)
-                    except DatasetError as e: logger.warning("%s; rebuilding it", e)
-                    else:
-                        if index != old["files"]: write_json(folder/AUDIO_CACHE_MANIFEST, {**old, "files": index})  # touched, same bytes
-                        return cache
-                else: logger.info("rebuilding audio cache %s: %s", folder, why)
-            elif (folder/AUDIO_CACHE_MANIFEST).exists(): logger.warning("%s; rebuilding it", unreadable)
-            else: logger.info("building audio cache %s for %s", folder, corpus.root)
-            for p in folder.glob(".*.tmp"): p.unlink()   # left by a killed build; no writer can be active under the lock
-            _build_cache(folder, corpus, int(sample_rate), dtype, index, workers, progress)
-            return cls(folder, verify=False)
+        return reuse_or_build(folder, corpus, what="audio cache", manifest_name=AUDIO_CACHE_MANIFEST, load_manifest=_load_manifest,
+                              stale_reason=lambda old, key, index: _stale_reason(old, int(sample_rate), dtype, key, index),
+                              open_cache=lambda verify_now: cls(folder, verify=verify and verify_now),
+                              build=lambda index: _build_cache(folder, corpus, int(sample_rate), dtype, index, workers, progress),
+                              rehash=rehash)
 
     @property
     def samples(self) -> np.ndarray:

@@ -8,8 +8,8 @@ __all__ = ['logger', 'BACH_SOURCE_DIR', 'BACH_SOURCE_SUFFIXES', 'BACH_FOLDER', '
            'STREAM_WINDOW', 'STREAM_TRANSPOSE', 'STREAM_VELOCITY', 'STREAM_TEMPO', 'STREAM_OPENING',
            'STREAM_OPENING_DOC', 'MAX_TRANSPOSE', 'ANCHOR_SCAN_CHUNK', 'DatasetError', 'bach_sources', 'bach_chorales',
            'CorpusFile', 'MidiCorpus', 'split_by_piece', 'token_dtype', 'corpus_file_index', 'corpus_key',
-           'default_cache_folder', 'TokenCache', 'CounterRNG', 'TokenWindows', 'AugmentConfig', 'Augmentation',
-           'RandomWindows', 'SlidingWindows', 'WindowLoader', 'LMDataConfig', 'lm_dataloaders']
+           'default_cache_folder', 'TokenCache', 'reuse_or_build', 'CounterRNG', 'TokenWindows', 'AugmentConfig',
+           'Augmentation', 'RandomWindows', 'SlidingWindows', 'WindowLoader', 'LMDataConfig', 'lm_dataloaders']
 
 # %% ../nbs/04_datasets.ipynb #11d6f4dc
 import dataclasses
@@ -23,7 +23,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from fastai.data.core import DataLoaders
@@ -325,25 +325,10 @@ class TokenCache:
         "The cache of `corpus` under `tokenizer`: reused when current and intact, (re)built otherwise."
         if not isinstance(corpus, MidiCorpus): corpus = MidiCorpus.from_folder(corpus)
         folder = Path(folder) if folder is not None else default_cache_folder(corpus, tokenizer)
-        folder.mkdir(parents=True, exist_ok=True)
-        with _folder_lock(folder):   # a second process waits here, then finds the cache built
-            try: old = _load_manifest(folder)
-            except DatasetError as e: old, unreadable = None, e
-            index = corpus_file_index(corpus, old.get("files") if old else None, rehash)
-            if old is not None:
-                why = _stale_reason(old, tokenizer, corpus_key(index), index)
-                if why is None:
-                    try: cache = cls(folder, verify=verify)
-                    except DatasetError as e: logger.warning("%s; rebuilding it", e)
-                    else:
-                        if index != old["files"]: write_json(folder/TOKEN_CACHE_MANIFEST, {**old, "files": index})  # touched, same bytes: remember the new mtimes
-                        return cache
-                else: logger.info("rebuilding token cache %s: %s", folder, why)
-            elif (folder/TOKEN_CACHE_MANIFEST).exists(): logger.warning("%s; rebuilding it", unreadable)
-            else: logger.info("building token cache %s for %s", folder, corpus.root)
-            for p in folder.glob(".*.tmp"): p.unlink()   # left by a killed build; no writer can be active under the lock
-            _build_cache(folder, corpus, tokenizer, index, workers, progress)
-            return cls(folder, verify=False)
+        return reuse_or_build(folder, corpus, what="token cache", manifest_name=TOKEN_CACHE_MANIFEST, load_manifest=_load_manifest,
+                              stale_reason=lambda old, key, index: _stale_reason(old, tokenizer, key, index),
+                              open_cache=lambda verify_now: cls(folder, verify=verify and verify_now),
+                              build=lambda index: _build_cache(folder, corpus, tokenizer, index, workers, progress), rehash=rehash)
 
     @property
     def tokens(self) -> np.ndarray:
@@ -395,6 +380,38 @@ class TokenCache:
     def __getstate__(self): return {**self.__dict__, "_tokens": None, "_fd": None}  # never pickle the data; reopen in the worker
     def __del__(self, _close=os.close):   # bound early: module globals may be gone at interpreter exit
         if getattr(self, "_fd", None) is not None: _close(self._fd)
+
+def reuse_or_build(folder: Path,  # the cache folder (created when missing)
+                   corpus,  # a `MidiCorpus` or `kelly.audio_datasets.AudioCorpus`: its files are fingerprinted
+                   *,
+                   what: str,  # the kind of cache, for the log ("token cache")
+                   manifest_name: str,  # the manifest's file name inside `folder`
+                   load_manifest: Callable[[Path], dict],  # reads and checks the manifest; raises `DatasetError`
+                   stale_reason: Callable[[dict, str, dict], str | None],  # (manifest, corpus key, file index) -> why stale, or None
+                   open_cache: Callable[[bool], Any],  # opens the cache in `folder`, verifying checksums when given True
+                   build: Callable[[dict], None],  # builds the cache from the corpus file index
+                   rehash: bool = False,  # hash every file instead of trusting unchanged size and mtime
+                   ):
+    "The protocol every corpus cache follows: under the folder lock, reuse the cache when current and intact, else clear a killed build's temp files and (re)build it."
+    folder.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(folder):   # a second process waits here, then finds the cache built
+        try: old = load_manifest(folder)
+        except DatasetError as e: old, unreadable = None, e
+        index = corpus_file_index(corpus, old.get("files") if old else None, rehash)
+        if old is not None:
+            why = stale_reason(old, corpus_key(index), index)
+            if why is None:
+                try: cache = open_cache(True)
+                except DatasetError as e: logger.warning("%s; rebuilding it", e)
+                else:
+                    if index != old["files"]: write_json(folder/manifest_name, {**old, "files": index})  # touched, same bytes: remember the new mtimes
+                    return cache
+            else: logger.info("rebuilding %s %s: %s", what, folder, why)
+        elif (folder/manifest_name).exists(): logger.warning("%s; rebuilding it", unreadable)
+        else: logger.info("building %s %s for %s", what, folder, corpus.root)
+        for p in folder.glob(".*.tmp"): p.unlink()   # left by a killed build; no writer can be active under the lock
+        build(index)
+        return open_cache(False)
 
 def _load_manifest(folder: Path) -> dict:
     path = folder/TOKEN_CACHE_MANIFEST
