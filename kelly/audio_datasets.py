@@ -14,7 +14,6 @@ __all__ = ['logger', 'BACH_AUDIO_FOLDER', 'BACH_AUDIO_MANIFEST', 'BACH_AUDIO_FOR
 # %% ../nbs/04a_audio_datasets.ipynb #39f6ec21
 import dataclasses
 import hashlib
-import json
 import math
 import multiprocessing as mp
 import os
@@ -34,6 +33,7 @@ from .audio import (AUDIO_SUFFIXES, FLUIDSYNTH_GAIN, RENDER_SR, RESAMPLE_QUALITY
                          find_soundfont, load_audio, render_midi, save_audio)
 # the token datasets' building blocks, shared rather than copied (the underscored ones are that module's helpers)
 from .datasets import (BACH_MANIFEST, CorpusFile, CounterRNG, DatasetError, WindowLoader, bach_chorales, reuse_or_build,
+                            cache_damaged, cache_manifest, cache_offsets, check_cache_file,
                             corpus_key, split_by_piece, _check_index, _folder_lock, _progress,
                             _read_json, _walk_files, _write_offsets)
 
@@ -256,7 +256,7 @@ class AudioCache:
         self.names, self.midi, self.n_samples = list(m["docs"]), list(m["midi"]), int(m["n_samples"])
         self.offsets = _load_offsets(self.folder, m)
         if m["samples"]["size"] != self.n_samples * self.dtype.itemsize: raise _damaged(self.folder, "manifest sizes disagree")
-        _check_file(self.folder, m["samples"], verify)
+        check_cache_file(self.folder, m["samples"], verify=verify, what=_WHAT)
         self._samples, self._fd = None, None
 
     @classmethod
@@ -340,32 +340,11 @@ class AudioCache:
     def __del__(self, _close=os.close):   # bound early: module globals may be gone at interpreter exit
         if getattr(self, "_fd", None) is not None: _close(self._fd)
 
-def _damaged(folder: Path, what: str) -> DatasetError: return DatasetError(f"audio cache {str(folder)!r} is damaged: {what}")
+def _damaged(folder: Path, problem: str) -> DatasetError: return cache_damaged(folder, problem, what=_WHAT)
 
-def _load_manifest(folder: Path) -> dict:
-    path = folder/AUDIO_CACHE_MANIFEST
-    if not path.is_file(): raise DatasetError(f"audio cache {str(folder)!r} has no {AUDIO_CACHE_MANIFEST}")
-    try: m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e: raise DatasetError(f"audio cache manifest {str(path)!r} is unreadable: {e}") from e
-    if not isinstance(m, dict) or m.get("format") != AUDIO_CACHE_FORMAT_VERSION:
-        raise DatasetError(f"audio cache manifest {str(path)!r} has format {m.get('format') if isinstance(m, dict) else '?'}, expected {AUDIO_CACHE_FORMAT_VERSION}")
-    return m
-
-def _check_file(folder: Path, entry: dict, verify: bool) -> Path:
-    "A data file of the cache, checked against its manifest entry (size always, SHA-256 when `verify`)."
-    path = folder/entry["file"]
-    if not path.is_file(): raise _damaged(folder, f"{entry['file']} is missing")
-    size = path.stat().st_size
-    if size != entry["size"]: raise _damaged(folder, f"{entry['file']} has {size} bytes, the manifest says {entry['size']} (truncated?)")
-    if verify and sha256_file(path) != entry["sha256"]: raise _damaged(folder, f"{entry['file']} does not match its SHA-256 checksum")
-    return path
-
-def _load_offsets(folder: Path, m: dict) -> np.ndarray:
-    offsets = np.load(_check_file(folder, m["offsets"], verify=True), allow_pickle=False)   # small: always checked
-    n = len(m["docs"])
-    if offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != m["n_samples"] or (np.diff(offsets) <= 0).any():
-        raise _damaged(folder, f"{m['offsets']['file']} does not describe {n} files of {m['n_samples']} samples")
-    return offsets.astype(np.int64, copy=False)
+_WHAT = "audio cache"
+def _load_manifest(folder: Path) -> dict: return cache_manifest(folder, name=AUDIO_CACHE_MANIFEST, version=AUDIO_CACHE_FORMAT_VERSION, what=_WHAT)
+def _load_offsets(folder: Path, m: dict) -> np.ndarray: return cache_offsets(folder, m, total=m["n_samples"], what=_WHAT, allow_empty=False)
 
 def _stale_reason(m: dict, sample_rate: int, dtype: str, key: str, index: dict) -> str | None:
     "Why the cache described by manifest `m` does not fit this corpus, rate and type (None when it does)."

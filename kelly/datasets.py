@@ -8,8 +8,9 @@ __all__ = ['logger', 'BACH_SOURCE_DIR', 'BACH_SOURCE_SUFFIXES', 'BACH_FOLDER', '
            'STREAM_WINDOW', 'STREAM_TRANSPOSE', 'STREAM_VELOCITY', 'STREAM_TEMPO', 'STREAM_OPENING',
            'STREAM_OPENING_DOC', 'MAX_TRANSPOSE', 'ANCHOR_SCAN_CHUNK', 'DatasetError', 'bach_sources', 'bach_chorales',
            'CorpusFile', 'MidiCorpus', 'split_by_piece', 'token_dtype', 'corpus_file_index', 'corpus_key',
-           'default_cache_folder', 'TokenCache', 'reuse_or_build', 'CounterRNG', 'TokenWindows', 'AugmentConfig',
-           'Augmentation', 'RandomWindows', 'SlidingWindows', 'WindowLoader', 'LMDataConfig', 'lm_dataloaders']
+           'default_cache_folder', 'TokenCache', 'reuse_or_build', 'cache_manifest', 'cache_damaged',
+           'check_cache_file', 'cache_offsets', 'CounterRNG', 'TokenWindows', 'AugmentConfig', 'Augmentation',
+           'RandomWindows', 'SlidingWindows', 'WindowLoader', 'LMDataConfig', 'lm_dataloaders']
 
 # %% ../nbs/04_datasets.ipynb #11d6f4dc
 import dataclasses
@@ -413,36 +414,66 @@ def reuse_or_build(folder: Path,  # the cache folder (created when missing)
         build(index)
         return open_cache(False)
 
-def _load_manifest(folder: Path) -> dict:
-    path = folder/TOKEN_CACHE_MANIFEST
-    if not path.is_file(): raise DatasetError(f"token cache {folder} has no {TOKEN_CACHE_MANIFEST}")
+def cache_manifest(folder: Path,  # the cache folder
+                   *,
+                   name: str,  # the manifest's file name
+                   version: int,  # the format version this kelly writes and reads
+                   what: str,  # the kind of cache, for messages ("token cache")
+                   ) -> dict:
+    "A cache's manifest, read and checked: a missing, unreadable or other-format manifest raises `DatasetError` naming the file."
+    path = folder/name
+    if not path.is_file(): raise DatasetError(f"{what} {str(folder)!r} has no {name}")
     try: m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e: raise DatasetError(f"token cache manifest {path} is unreadable: {e}") from e
-    if not isinstance(m, dict) or m.get("format") != TOKEN_CACHE_FORMAT_VERSION:
-        raise DatasetError(f"token cache manifest {path} has format {m.get('format') if isinstance(m, dict) else '?'}, expected {TOKEN_CACHE_FORMAT_VERSION}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e: raise DatasetError(f"{what} manifest {str(path)!r} is unreadable: {e}") from e
+    if not isinstance(m, dict) or m.get("format") != version:
+        raise DatasetError(f"{what} manifest {str(path)!r} has format {m.get('format') if isinstance(m, dict) else '?'}, expected {version}")
     return m
 
-def _damaged(folder: Path, what: str) -> DatasetError: return DatasetError(f"token cache {folder} is damaged: {what}")
+def cache_damaged(folder: Path,  # the cache folder
+                  problem: str,  # what is wrong
+                  *,
+                  what: str,  # the kind of cache ("token cache")
+                  ) -> DatasetError:
+    "The error for a damaged cache, naming its kind, folder and problem."
+    return DatasetError(f"{what} {str(folder)!r} is damaged: {problem}")
 
-def _check_data_file(folder: Path, entry: dict, verify: bool) -> Path:
+def check_cache_file(folder: Path,  # the cache folder
+                     entry: dict,  # the file's manifest entry: `file`, `size`, `sha256`
+                     *,
+                     verify: bool,  # also check the SHA-256 (the size is always checked)
+                     what: str,  # the kind of cache ("token cache")
+                     ) -> Path:
+    "A data file of a cache, checked against its manifest entry; a missing, truncated or altered file raises `DatasetError`."
     path = folder/entry["file"]
-    if not path.is_file(): raise _damaged(folder, f"{entry['file']} is missing")
+    if not path.is_file(): raise cache_damaged(folder, f"{entry['file']} is missing", what=what)
     size = path.stat().st_size
-    if size != entry["size"]: raise _damaged(folder, f"{entry['file']} has {size} bytes, the manifest says {entry['size']} (truncated?)")
-    if verify and sha256_file(path) != entry["sha256"]: raise _damaged(folder, f"{entry['file']} does not match its SHA-256 checksum")
+    if size != entry["size"]: raise cache_damaged(folder, f"{entry['file']} has {size} bytes, the manifest says {entry['size']} (truncated?)", what=what)
+    if verify and sha256_file(path) != entry["sha256"]: raise cache_damaged(folder, f"{entry['file']} does not match its SHA-256 checksum", what=what)
     return path
 
-def _load_offsets(folder: Path, m: dict) -> np.ndarray:
-    path = _check_data_file(folder, m["offsets"], verify=True)   # small: always checked
-    offsets = np.load(path, allow_pickle=False)
-    n = len(m["docs"])
-    if offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != m["n_tokens"] or (np.diff(offsets) < 0).any():
-        raise _damaged(folder, f"{m['offsets']['file']} does not describe {n} documents of {m['n_tokens']} tokens")
+def cache_offsets(folder: Path,  # the cache folder
+                  m: dict,  # its manifest: `offsets` entry and `docs`
+                  *,
+                  total: int,  # the number of items the offsets must end at
+                  what: str,  # the kind of cache ("token cache")
+                  allow_empty: bool = True,  # whether a document may hold no items
+                  ) -> np.ndarray:
+    "The `[docs + 1]` offsets of a flat cache, checked (always: the file is small) against the manifest."
+    offsets = np.load(check_cache_file(folder, m["offsets"], verify=True, what=what), allow_pickle=False)
+    n, steps = len(m["docs"]), np.diff(offsets) if len(offsets) else offsets
+    bad_steps = (steps < 0).any() if allow_empty else (steps <= 0).any()
+    if offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != total or bad_steps:
+        raise cache_damaged(folder, f"{m['offsets']['file']} does not describe {n} files of {total} items", what=what)
     return offsets.astype(np.int64, copy=False)
+
+_WHAT = "token cache"
+def _load_manifest(folder: Path) -> dict: return cache_manifest(folder, name=TOKEN_CACHE_MANIFEST, version=TOKEN_CACHE_FORMAT_VERSION, what=_WHAT)
+def _damaged(folder: Path, problem: str) -> DatasetError: return cache_damaged(folder, problem, what=_WHAT)
+def _load_offsets(folder: Path, m: dict) -> np.ndarray: return cache_offsets(folder, m, total=m["n_tokens"], what=_WHAT)
 
 def _check_token_file(folder: Path, m: dict, dtype: np.dtype, verify: bool):
     if m["tokens"]["size"] != m["n_tokens"] * dtype.itemsize: raise _damaged(folder, "manifest sizes disagree")
-    _check_data_file(folder, m["tokens"], verify)
+    check_cache_file(folder, m["tokens"], verify=verify, what=_WHAT)
 
 def _stale_reason(m: dict, tokenizer, key: str, index: dict) -> str | None:
     "Why the cache described by manifest `m` does not fit this corpus and tokenizer (None when it does)."
