@@ -6,14 +6,15 @@
 __all__ = ['AUDIO_SUFFIXES', 'FALLBACK_SUFFIXES', 'RESAMPLE_QUALITY', 'WRITE_FORMATS', 'DEFAULT_SUBTYPE', 'N_FFT', 'N_MELS',
            'N_CHROMA', 'TOP_DB', 'AMIN', 'PITCH_FMIN', 'PITCH_FMAX', 'PITCH_FRAME', 'PITCH_HOP', 'N_THRESHOLDS',
            'BETA_PARAMETERS', 'BOLTZMANN', 'RESOLUTION', 'MAX_TRANSITION_RATE', 'SWITCH_PROB', 'NO_TROUGH_PROB',
-           'MAX_TROUGHS', 'SOUNDFONT_ENV', 'SOUNDFONT_PATHS', 'INSTALL_HINT', 'RENDER_SR', 'FLUIDSYNTH_GAIN',
-           'RENDER_TIMEOUT_S', 'SYNTHS', 'SINE_RAMP_S', 'SINE_PEAK', 'PITCH_CSV_HEADER', 'SPEC_N_FFT', 'SPEC_TOP_DB',
-           'PLOT_DPI', 'AudioError', 'resample', 'load_audio', 'save_audio', 'AudioFileStatus', 'AudioFolderReport',
-           'check_audio_folder', 'as_batch', 'stft', 'spectrogram', 'mel_filters', 'mel_spectrogram', 'power_to_db',
-           'log_mel', 'chroma_filters', 'chroma', 'PitchTrack', 'yin_cmnd', 'parabolic_shifts', 'troughs',
-           'pyin_probabilities', 'viterbi_voicing', 'track_pitch', 'ticks_to_seconds', 'midi_to_hz', 'midi_f0',
-           'find_soundfont', 'find_fluidsynth', 'synthesize_sine', 'render_midi', 'render_music', 'write_pitch_csv',
-           'plot_waveform', 'plot_spectrogram', 'plot_pitch']
+           'OCTAVE_RATIO', 'OCTAVE_MARGIN', 'OCTAVE_SPREAD', 'MAX_TROUGHS', 'SOUNDFONT_ENV', 'SOUNDFONT_PATHS',
+           'INSTALL_HINT', 'RENDER_SR', 'FLUIDSYNTH_GAIN', 'RENDER_TIMEOUT_S', 'SYNTHS', 'SINE_RAMP_S', 'SINE_PEAK',
+           'PITCH_CSV_HEADER', 'SPEC_N_FFT', 'SPEC_TOP_DB', 'PLOT_DPI', 'AudioError', 'resample', 'load_audio',
+           'save_audio', 'AudioFileStatus', 'AudioFolderReport', 'check_audio_folder', 'as_batch', 'stft',
+           'spectrogram', 'mel_filters', 'mel_spectrogram', 'power_to_db', 'log_mel', 'chroma_filters', 'chroma',
+           'PitchTrack', 'yin_cmnd', 'parabolic_shifts', 'troughs', 'pyin_probabilities', 'favour_lower_octave',
+           'viterbi_voicing', 'track_pitch', 'ticks_to_seconds', 'midi_to_hz', 'midi_f0', 'find_soundfont',
+           'find_fluidsynth', 'synthesize_sine', 'render_midi', 'render_music', 'write_pitch_csv', 'plot_waveform',
+           'plot_spectrogram', 'plot_pitch']
 
 # %% ../nbs/03_audio.ipynb #0faf4720
 import functools
@@ -386,6 +387,9 @@ RESOLUTION = 0.1  # pitch bin width in semitones
 MAX_TRANSITION_RATE = 35.92  # fastest pitch change the decoder allows, octaves per second
 SWITCH_PROB = 0.01  # probability of switching between voiced and unvoiced per frame
 NO_TROUGH_PROB = 0.01  # share of a threshold's weight given to the deepest trough when none is below it
+OCTAVE_RATIO = 0.6  # a candidate's weight moves to the trough near twice its period when d' there is below this share of its own
+OCTAVE_MARGIN = 0.05  # ... and lower by at least this much (two near-zero troughs of a clean tone never trade places)
+OCTAVE_SPREAD = 2  # lags searched either side of twice a candidate's period
 MAX_TROUGHS = 32  # candidates per frame (in period order) that share a threshold's weight; later ones get e^-64 of it
 _ROWS_PER_CHUNK = 8192  # frames processed together in the difference/probability stage (bounds memory)
 
@@ -480,6 +484,29 @@ def pyin_probabilities(cmnd: torch.Tensor,  # `[R, K]` difference function per f
     bonus = no_trough_prob * beta_cum[level.gather(1, deepest).clamp_max(n_thresholds)]
     probs.scatter_add_(1, deepest, bonus * is_trough.any(dim=1, keepdim=True))
     return probs[:, :K]
+
+def favour_lower_octave(cmnd: torch.Tensor,  # `[R, K]` difference function per frame (lags min_period..)
+                        probs: torch.Tensor,  # `[R, K]` period probabilities from `pyin_probabilities`
+                        min_period: int,  # the lag of column 0
+                        *,
+                        ratio: float = OCTAVE_RATIO,  # move when d' near twice the period is below `ratio` times the candidate's
+                        margin: float = OCTAVE_MARGIN,  # ... and lower by at least `margin`
+                        spread: int = OCTAVE_SPREAD,  # lags searched either side of twice the period
+                        ) -> torch.Tensor:
+    "`probs` with each candidate's weight moved to the trough near twice its period when that trough is clearly deeper (an octave-error guard pYIN lacks)."
+    R, K = cmnd.shape
+    rows, cols = probs.nonzero(as_tuple=True)
+    if len(rows) == 0: return probs
+    target = (2 * (cols + min_period) - min_period)[:, None] + torch.arange(-spread, spread + 1, device=cmnd.device)
+    inside = (target >= 0) & (target < K)
+    target = target.clamp(0, K - 1)
+    usable = inside & troughs(cmnd)[rows[:, None], target]
+    level = torch.where(usable, cmnd[rows[:, None], target], torch.full(target.shape, math.inf, device=cmnd.device, dtype=cmnd.dtype))
+    deeper, pick = level.min(dim=1)
+    own = cmnd[rows, cols]
+    move = (deeper < ratio * own) & (own - deeper > margin)
+    dest = torch.where(move, target.gather(1, pick[:, None])[:, 0], cols)
+    return torch.zeros_like(probs).index_put_((rows, dest), probs[rows, cols], accumulate=True)
 
 @functools.lru_cache(maxsize=None)
 def _log_transition_band(n_bins: int, width: int) -> np.ndarray:
@@ -618,6 +645,7 @@ def track_pitch(y,  # audio `[T]` or `[B, T]` (numpy or torch; computed on its d
                 beta_parameters: tuple = BETA_PARAMETERS,  # Beta prior over thresholds
                 boltzmann: float = BOLTZMANN,  # Boltzmann prior over troughs
                 no_trough_prob: float = NO_TROUGH_PROB,  # weight to the deepest trough when none is below a threshold
+                octave_ratio: float | None = OCTAVE_RATIO,  # `favour_lower_octave`'s ratio; None: pYIN's probabilities unchanged
                 engine: str = "auto",  # Viterbi engine: "auto" (numba on the CPU, torch elsewhere), "numba" or "torch"
                 ) -> PitchTrack:
     "f0, voicing and voicing probability per frame for a batch of clips: pYIN with a banded, batched Viterbi."
@@ -636,8 +664,9 @@ def track_pitch(y,  # audio `[T]` or `[B, T]` (numpy or torch; computed on its d
     probs, f0s = [], []
     for r in range(0, B * N, _ROWS_PER_CHUNK):
         cmnd = yin_cmnd(rows[r:r + _ROWS_PER_CHUNK], min_period, max_period)
-        probs.append(pyin_probabilities(cmnd, n_thresholds=n_thresholds, beta_parameters=beta_parameters,
-                                        boltzmann=boltzmann, no_trough_prob=no_trough_prob))
+        p = pyin_probabilities(cmnd, n_thresholds=n_thresholds, beta_parameters=beta_parameters,
+                               boltzmann=boltzmann, no_trough_prob=no_trough_prob)
+        probs.append(p if octave_ratio is None else favour_lower_octave(cmnd, p, min_period, ratio=octave_ratio))
         periods = min_period + torch.arange(cmnd.shape[1], device=x.device, dtype=x.dtype) + parabolic_shifts(cmnd)
         f0s.append(sr / periods)
     prob, f0_cand = torch.cat(probs).reshape(B, N, -1), torch.cat(f0s).reshape(B, N, -1)
