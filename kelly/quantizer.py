@@ -136,15 +136,15 @@ class VectorQuantizer(nn.Module):
         return F.embedding(codes, self.embed)
 
     def _stats(self, x, codes, weight):
-        "Hit counts [K], vector sums [K, D] and vector count, summed over ranks (one all_reduce)."
+        "Hit counts [K], vector sums [K, D] and the number of vectors, summed over ranks (one all_reduce)."
         K, D = self.embed.shape
-        w = torch.ones(len(x), dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
-        flat = torch.zeros(K * (D + 1) + 1, dtype=x.dtype, device=x.device)
-        flat[:K].index_add_(0, codes, w)
-        flat[K:K * (D + 1)].view(K, D).index_add_(0, codes, x if weight is None else x * w[:, None])
-        flat[-1] = w.sum()
-        _all_reduce_sum(flat)
-        return flat[:K], flat[K:K * (D + 1)].view(K, D), float(flat[-1])
+        counts = torch.bincount(codes, weights=weight, minlength=K).to(x.dtype)
+        sums = torch.zeros(K, D, dtype=x.dtype, device=x.device).index_put_(   # on CPU several times faster than index_add_
+            (codes,), x if weight is None else x * weight[:, None].to(x.dtype), accumulate=True)
+        n = torch.tensor([float(len(x)) if weight is None else float(weight.sum())], dtype=x.dtype, device=x.device)
+        if _world()[1] == 1: return counts, sums, float(n)
+        flat = _all_reduce_sum(torch.cat([counts, sums.flatten(), n]))   # one collective for all three
+        return flat[:K], flat[K:-1].view(K, D), float(flat[-1])
 
     def _pool(self, x, weight):
         "The vectors that count (weight > 0)."
@@ -196,7 +196,8 @@ class VectorQuantizer(nn.Module):
         n_dead = len(dead)                             # the same on every rank: cluster_size is
         self.last_dead.fill_(n_dead)
         if n_dead == 0: return
-        dead = dead[:min(n_dead, int(n))]              # at most one replacement per vector in the batch
+        if n_dead > n:                                 # at most one replacement per vector: the least used codes first
+            dead = dead[self.cluster_size[dead].argsort(stable=True)[:int(n)]]
         new = _sample_vectors(self._pool(x, weight), len(dead))
         self.embed[dead] = new
         self.cluster_size[dead] = threshold
@@ -272,10 +273,10 @@ class ResidualVQ(nn.Module):
         for k in range(n):
             w = None if keep is None else keep[:, k].repeat_interleave(T).to(flat.dtype)
             q, c = self.codebooks[k](residual.detach(), w)
-            err = (residual - q).pow(2).mean(1)
-            losses.append(err.mean() if w is None else (err * w).mean())
-            total = total + (q if w is None else q * w[:, None])
-            residual = residual - q
+            residual = residual - q                  # what is left for the next codebook, with gradient to x
+            losses.append(residual.pow(2).mean() if w is None else (residual.pow(2).mean(1) * w).mean())
+            if w is None: total.add_(q)
+            else: total.addcmul_(q, w[:, None])
             codes.append(c)
         quantized = flat + (total - flat).detach()
         codes = torch.stack(codes).view(n, B, T).transpose(0, 1)
