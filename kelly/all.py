@@ -13,6 +13,7 @@ from .audio import *
 from .datasets import *
 from .audio_datasets import *
 from .models import *
+from .quantizer import *
 from .losses import *
 from .metrics import *
 from .samplers import *
