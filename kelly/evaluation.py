@@ -5,9 +5,10 @@
 # %% auto #0
 __all__ = ['CORPUS_REPORT', 'CORPUS_PLOT', 'PLOT_COLUMNS', 'PLOT_PANEL_SIZE', 'MEMORISATION_NGRAMS', 'MEMORISED_BARS',
            'MAX_FOLLOWED', 'QUALITY_REPORT', 'QUALITY_PLOT', 'SETTINGS', 'EvaluationError', 'load_pieces',
-           'corpus_stat_range', 'metric_table', 'FeatureComparison', 'CorpusComparison', 'compare_metrics',
-           'plot_comparisons', 'compare_folders', 'ngram_hashes', 'Memorisation', 'NgramIndex', 'piece_report',
-           'summarize', 'evaluate_samples', 'bundle_corpus', 'evaluate_bundle', 'format_summary']
+           'corpus_stat_range', 'metric_table', 'FeatureComparison', 'CorpusComparison', 'comparison_lines',
+           'compare_metrics', 'plot_comparisons', 'compare_folders', 'ngram_hashes', 'Memorisation', 'NgramIndex',
+           'folder_memorisation', 'evaluate_folders', 'format_folder_report', 'piece_report', 'summarize',
+           'evaluate_samples', 'bundle_corpus', 'evaluate_bundle', 'format_summary']
 
 # %% ../nbs/10_evaluation.ipynb #1c21a549
 import logging
@@ -118,14 +119,19 @@ class CorpusComparison:
 
     def lines(self) -> list[str]:
         "One line per feature and one for the means, as `kelly evaluate` prints them."
-        def num(v, fmt): return format(v, fmt) if v is not None else "-"
-        out = []
-        for k, f in self.features.items():
-            g, r = f.generated, f.reference
-            out.append(f"{k:25s} OA {num(f.overlap.oa, '.3f'):>5s}  KL {num(f.overlap.kl, '.3f'):>6s}   generated {num(g['mean'], '.4g')} ± {num(g['std'], '.2g')}"
-                       f"   reference {num(r['mean'], '.4g')} ± {num(r['std'], '.2g')}" + (f"   ({f.overlap.note})" if f.overlap.note else ""))
-        out.append(f"{'mean':25s} OA {num(self.mean_oa, '.3f'):>5s}  KL {num(self.mean_kl, '.3f'):>6s}")
-        return out
+        return comparison_lines(self.to_dict())
+
+def comparison_lines(d: dict,  # `CorpusComparison.to_dict()`
+                     ) -> list[str]:
+    "One line per feature (OA, KL, generated and reference mean ± std) and one for the means."
+    def num(v, fmt): return format(v, fmt) if v is not None else "-"
+    out = []
+    for k, f in d["features"].items():
+        g, r = f["generated"], f["reference"]
+        out.append(f"{k:25s} OA {num(f['oa'], '.3f'):>5s}  KL {num(f['kl'], '.3f'):>6s}   generated {num(g['mean'], '.4g')} ± {num(g['std'], '.2g')}"
+                   f"   reference {num(r['mean'], '.4g')} ± {num(r['std'], '.2g')}" + (f"   ({f['note']})" if f["note"] else ""))
+    out.append(f"{'mean':25s} OA {num(d['mean_oa'], '.3f'):>5s}  KL {num(d['mean_kl'], '.3f'):>6s}")
+    return out
 
 def compare_metrics(generated: dict,  # `metric_table` of the generated pieces
                     reference: dict,  # `metric_table` of the reference pieces
@@ -310,6 +316,45 @@ class NgramIndex:
             source_bar = int((self.cache.read(int(self.cache.offsets[doc]), p0 + 1) == self.bar_id).sum())
             bars_copied = int((g[i0:i0 + length] == self.bar_id).sum())
         return Memorisation(shares, length, bars_copied, source, source_bar, bars_copied > MEMORISED_BARS)
+
+# %% ../nbs/10_evaluation.ipynb #20e264c8
+def folder_memorisation(generated: str | Path,  # a folder of generated MIDI files
+                        reference: str | Path,  # the training data's folder
+                        tokenizer: Tokenizer,  # defines the tokens (the reference's cache is built with it when missing)
+                        ) -> dict[str, Memorisation]:
+    "The memorisation check of every generated file against the reference folder."
+    index = NgramIndex(TokenCache.for_corpus(reference, tokenizer, progress=False), tokenizer)
+    return {name: index.check(tokenizer.encode(m)) for name, m in load_pieces(generated).items()}
+
+def evaluate_folders(generated: str | Path,  # a folder of generated MIDI files
+                     reference: str | Path,  # a folder of reference MIDI files (e.g. the training corpus)
+                     *,
+                     out: str | Path | None = None,  # where `CORPUS_REPORT` and `CORPUS_PLOT` go (None: nothing written)
+                     tokenizer: Tokenizer | None = None,  # tokens of the memorisation check (default: `Tokenizer()`)
+                     memorisation: bool = True,  # check the generated files against the reference
+                     ) -> dict:
+    "Corpus comparison and memorisation check of two folders, as a JSON-ready report (written into `out` with the plot)."
+    cmp = compare_folders(generated, reference)
+    report = {"generated": str(generated), "reference": str(reference), **cmp.to_dict()}
+    if memorisation:
+        mem = folder_memorisation(generated, reference, tokenizer or Tokenizer())
+        report["memorisation"] = {"flagged": sorted(k for k, m in mem.items() if m.flagged), "pieces": {k: m.to_dict() for k, m in mem.items()}}
+    if out is not None:
+        write_json(Path(out)/CORPUS_REPORT, report)
+        plot_comparisons({"generated": cmp}, Path(out)/CORPUS_PLOT, title=f"{Path(generated).name} vs {Path(reference).name}")
+    return report
+
+def format_folder_report(report: dict,  # from `evaluate_folders`
+                         ) -> list[str]:
+    "The lines `kelly evaluate --generated DIR --reference DIR` prints."
+    lines = comparison_lines(report)
+    mem = report.get("memorisation")
+    if mem is not None:
+        lines.append(f"memorisation: {len(mem['flagged'])} of {len(mem['pieces'])} generated pieces copy more than {MEMORISED_BARS} bars")
+        for k in mem["flagged"]:
+            m = mem["pieces"][k]
+            lines.append(f"  {k}: {m['longest_bars']} bars copied from {m['source']} (from its bar {m['source_bar']})")
+    return lines
 
 # %% ../nbs/10_evaluation.ipynb #ebe35494
 def piece_report(ids,  # a generated token sequence
