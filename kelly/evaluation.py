@@ -249,13 +249,17 @@ class NgramIndex:
                 parts[n].append(h[ok])
                 if n == n0: positions.append(p[:k][ok].astype(pos_dtype))
         self.hashes, self.positions = {}, None
-        for n in self.ns:
+        for n in self.ns:   # one n at a time, in place where no positions ride along: the build's peak stays low
             h = np.concatenate(parts[n]) if parts[n] else np.zeros(0, np.uint64)
             parts[n] = None
-            order = np.argsort(h, kind="stable")
-            self.hashes[n] = h[order]
-            if n == n0: self.positions = (np.concatenate(positions) if positions else np.zeros(0, pos_dtype))[order]
-        del positions
+            if n == n0:
+                order = np.argsort(h)
+                self.positions = (np.concatenate(positions) if positions else np.zeros(0, pos_dtype))[order]
+                positions = None
+                h = h[order]
+                del order
+            else: h.sort()
+            self.hashes[n] = h
 
     @property
     def nbytes(self) -> int:
