@@ -27,7 +27,8 @@ from .tokenizer import Tokenizer, TokenizerConfig, check_roundtrip
 from .datasets import TokenCache
 from .samplers import SamplingConfig, generate, midi_prompt
 from .exporters import MANIFEST_FILE, bundle_info, export_pieces, load_bundle
-from .evaluation import QUALITY_REPORT, evaluate_bundle, format_summary
+from .evaluation import (CORPUS_PLOT, CORPUS_REPORT, QUALITY_PLOT, QUALITY_REPORT, evaluate_bundle, evaluate_folders,
+                              format_folder_report, format_summary)
 from .distributed import is_main_process
 from .trainers import BUNDLE_DIR, CONFIG_FILE, TrainConfig, run_folder, train
 from .audio import (PITCH_FMAX, PITCH_FMIN, RENDER_SR, SYNTHS, check_audio_folder, load_audio, plot_pitch,
@@ -273,23 +274,39 @@ def _add_train(sub):
 def cmd_evaluate(args,  # parsed arguments of `kelly evaluate`
                  out=None,  # where to print (default stdout)
                  ) -> int:
-    "Sample from a bundle with and without constraints and print the quality summary; returns the exit status."
+    "Compare two folders (`--generated`, `--reference`), or sample from a bundle and measure the pieces; returns the exit status."
     out = out or sys.stdout
+    if args.generated is not None:
+        if args.reference is None: raise KellyError("--generated needs --reference DIR, the folder to compare the generated pieces with")
+        tok = Tokenizer.load(args.tokenizer) if args.tokenizer is not None else None
+        report = evaluate_folders(args.generated, args.reference, out=args.out, tokenizer=tok, memorisation=not args.no_memorisation)
+        for line in format_folder_report(report): print(line, file=out)
+        print(f"report: {Path(args.out)/CORPUS_REPORT}", file=out); print(f"plot: {Path(args.out)/CORPUS_PLOT}", file=out)
+        return 0
     path = _bundle_path(args)
     sampling = config_from_args(args, SamplingConfig, base=CLI_SAMPLING.override("seed=0"))
     dest = args.report or Path(path).parent/QUALITY_REPORT
-    report = evaluate_bundle(load_bundle(path), n=args.n, corpus=args.corpus, sampling=sampling, report=dest)
+    plot = Path(dest).with_suffix(".png")
+    report = evaluate_bundle(load_bundle(path), n=args.n, corpus=args.reference, sampling=sampling, report=dest, plot=plot,
+                             memorisation=not args.no_memorisation)
     for line in format_summary(report): print(line, file=out)
-    print(f"report: {dest}", file=out)
+    print(f"report: {dest}", file=out); print(f"plot: {plot}", file=out)
     return 0
 
 @subcommand
 def _add_evaluate(sub):
-    p = sub.add_parser("evaluate", help="measure generated pieces: validity, collapse, corpus range", description=cmd_evaluate.__doc__)
+    p = sub.add_parser("evaluate", help="measure generated pieces against a corpus: OA/KL per metric, memorisation, validity",
+                       description=cmd_evaluate.__doc__)
     _add_model_flag(p)
+    p.add_argument("--generated", type=Path, default=None, metavar="DIR", help="compare this folder of MIDI files with --reference (no model)")
+    p.add_argument("--reference", "--corpus", type=Path, default=None, metavar="DIR",
+                   help="the corpus to compare with (with a model, default: its training corpus)")
+    p.add_argument("--out", type=Path, default=Path("evaluation"), metavar="DIR",
+                   help=f"with --generated: where {CORPUS_REPORT} and {CORPUS_PLOT} go [evaluation]")
+    p.add_argument("--tokenizer", type=Path, default=None, metavar="FILE", help="with --generated: the tokenizer of the memorisation check [default settings]")
+    p.add_argument("--no_memorisation", action="store_true", help="skip the check for n-grams copied from the reference")
     p.add_argument("-n", type=int, default=32, help="pieces with and without constraints [32]")
-    p.add_argument("--corpus", type=Path, default=None, metavar="DIR", help="the corpus to compare with (default: the bundle's training corpus)")
-    p.add_argument("--report", type=Path, default=None, metavar="FILE", help=f"where the JSON report goes [<run>/{QUALITY_REPORT}]")
+    p.add_argument("--report", type=Path, default=None, metavar="FILE", help=f"where the JSON report goes, the PNG beside it [<run>/{QUALITY_REPORT}]")
     add_config_flags(p, SamplingConfig, title="sampling settings", base=CLI_SAMPLING.override("seed=0"))
     p.set_defaults(func=cmd_evaluate)
 

@@ -89,3 +89,41 @@ def test_train_distributed_under_torchrun(kelly_home):
 def test_distributed_without_launcher_is_an_error(kelly_home):
     r = kelly("train", "--distributed", *TINY_TRAIN, home=kelly_home)
     assert r.returncode == 1 and "torchrun" in r.stderr and "Traceback" not in r.stderr
+
+
+EVAL_CHORALES = 40  # chorales split into two halves for `kelly evaluate --generated A --reference B`
+
+
+def test_evaluate_two_folders_prints_oa_kl_and_writes_json_and_png(tmp_path, kelly_home):
+    "Two halves of the built-in chorales: one distribution, so they overlap; a piece of B copied into A is flagged, named."
+    import json
+    from kelly.datasets import bach_chorales
+    files = sorted(bach_chorales(EVAL_CHORALES, folder=kelly_home/"corpora"/f"bach_chorales-first{EVAL_CHORALES}", progress=False).glob("*.mid"))
+    a, b = tmp_path/"a", tmp_path/"b"
+    a.mkdir(); b.mkdir()
+    for i, f in enumerate(files): shutil.copy(f, (a if i % 2 else b)/f.name)
+    shutil.copy(b/files[0].name, a/"copied.mid")
+    out = tmp_path/"report"
+    r = kelly("evaluate", "--generated", a, "--reference", b, "--out", out, home=kelly_home)
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    lines = r.stdout.splitlines()
+    for name in ("pitch_class_entropy", "scale_consistency", "polyphony", "groove_consistency"):
+        assert any(l.startswith(name) and " OA " in l and " KL " in l for l in lines), name
+    rep = json.loads((out/"corpus.json").read_text())
+    assert rep["mean_oa"] > 0.6, rep["mean_oa"]
+    assert rep["memorisation"]["flagged"] == ["copied.mid"] and rep["memorisation"]["pieces"]["copied.mid"]["source"] == files[0].name
+    assert "copied.mid" in r.stdout and files[0].name in r.stdout
+    assert (out/"corpus.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_names_what_it_cannot_read(tmp_path):
+    (tmp_path/"empty").mkdir(); (tmp_path/"ref").mkdir()
+    shutil.copy(sorted(TEST_PRIMITIVES.glob("*.mid"))[0], tmp_path/"ref"/"one.mid")
+    r = kelly("evaluate", "--generated", tmp_path/"empty", "--reference", tmp_path/"ref", home=tmp_path/"home")
+    assert r.returncode == 1 and "empty" in r.stderr and "no MIDI files" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path/"empty"/"broken.mid").write_text("not MIDI")
+    r = kelly("evaluate", "--generated", tmp_path/"empty", "--reference", tmp_path/"ref", home=tmp_path/"home")
+    assert r.returncode == 1 and "broken.mid" in r.stderr and "Traceback" not in r.stderr
+    r = kelly("evaluate", "--generated", tmp_path/"ref", home=tmp_path/"home")
+    assert r.returncode == 1 and "--reference" in r.stderr
