@@ -65,16 +65,17 @@ class CodecLossConfig(Config):
     "Weights of the codec loss' terms."
     mel_weight: float = 1.0  # multi-scale mel loss
     waveform_weight: float = 0.1  # waveform L1 (small: without a discriminator, phase is free)
+    spectral_weight: float = 1.0  # the frame codec's log-magnitude L1 (`CodecOutput.spectral_loss`)
     version: int = 1  # format version of this config
 
     def validate(self):
         "Check values beyond their types; raises `ConfigError` naming the key."
-        for key in ("mel_weight", "waveform_weight"):
+        for key in ("mel_weight", "waveform_weight", "spectral_weight"):
             if not getattr(self, key) >= 0: raise ConfigError(f"config key '{key}': must be >= 0, got {getattr(self, key)}")
         if self.mel_weight == 0 and self.waveform_weight == 0: raise ConfigError("the codec loss needs mel_weight or waveform_weight above 0")
 
 class CodecLoss(nn.Module):
-    "`mel_weight · multi-scale mel + waveform_weight · L1 + commitment` of a `CodecOutput` against the target audio."
+    "`mel_weight · multi-scale mel + waveform_weight · L1 + spectral_weight · log-magnitude L1 + commitment` of a `CodecOutput` against the target audio."
     def __init__(self, sample_rate: int,  # Hz
                  config: CodecLossConfig | None = None,  # the weights
                  ):
@@ -90,5 +91,7 @@ class CodecLoss(nn.Module):
         if not isinstance(out, CodecOutput): raise AudioLossError(f"CodecLoss takes a CodecOutput, got {type(out).__name__}")
         mel = self.mel(out.audio, target)
         l1 = F.l1_loss(out.audio.float(), target.float())
-        self.last_parts = {"mel": float(mel.detach()), "l1": float(l1.detach()), "commit": float(out.commit_loss.detach())}
-        return self.config.mel_weight * mel + self.config.waveform_weight * l1 + out.commit_loss
+        self.last_parts = {"mel": float(mel.detach()), "l1": float(l1.detach()), "commit": float(out.commit_loss.detach()),
+                           "spectral": float(out.spectral_loss.detach())}
+        c = self.config
+        return c.mel_weight * mel + c.waveform_weight * l1 + c.spectral_weight * out.spectral_loss + out.commit_loss

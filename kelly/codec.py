@@ -42,6 +42,7 @@ class CodecConfig(Config):
     latent_dim: int = 64  # width of the frames the quantizer sees
     strides: tuple[int, ...] = (2, 4, 5, 8)  # wave arch: downsampling factors (their product must be `hop`)
     channels: int = 32  # wave arch: channels after the first convolution (doubled at each stride)
+    griffin_lim: int = 16  # frame arch: Griffin-Lim iterations refining the decoder's phase when decoding (0: none; training never iterates)
     quantizer: QuantizerConfig = dataclasses.field(default_factory=_default_quantizer)  # codebooks (dim = latent_dim)
     version: int = 1  # format version of this config
 
@@ -54,6 +55,7 @@ class CodecConfig(Config):
     def validate(self):
         "Check values beyond their types; raises `ConfigError` naming the key."
         if self.arch not in CODEC_ARCHS: raise ConfigError(f"config key 'arch': {self.arch!r} is not one of {list(CODEC_ARCHS)}")
+        if self.griffin_lim < 0: raise ConfigError(f"config key 'griffin_lim': must be >= 0, got {self.griffin_lim}")
         for key in ("sample_rate", "hop", "n_fft", "width", "n_layers", "mlp_ratio", "latent_dim", "channels"):
             if getattr(self, key) < 1: raise ConfigError(f"config key '{key}': must be at least 1, got {getattr(self, key)}")
         if self.arch == "frame" and (self.n_fft < self.hop or self.n_fft % 2):
@@ -194,11 +196,18 @@ class FrameEncoder(nn.Module):
         self.norm = nn.LayerNorm(c.width)
         self.out = nn.Conv1d(c.width, c.latent_dim, 1)
 
+    def log_magnitude(self, audio: torch.Tensor) -> torch.Tensor:
+        "Natural-log STFT magnitude `[B, n_fft // 2 + 1, frames]`, floored at `LOG_FLOOR`."
+        re, im = self.stft(audio)
+        return torch.log((re.square() + im.square()).clamp_min(LOG_FLOOR ** 2)) / 2
+
+    def from_log_magnitude(self, logmag: torch.Tensor) -> torch.Tensor:
+        "Latent frames from `log_magnitude`'s output."
+        return self.out(_channels_last_norm(self.norm, self.blocks(self.inp(logmag))))
+
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         "Latent frames."
-        re, im = self.stft(audio)
-        logmag = torch.log((re.square() + im.square()).clamp_min(LOG_FLOOR ** 2)) / 2
-        return self.out(_channels_last_norm(self.norm, self.blocks(self.inp(logmag))))
+        return self.from_log_magnitude(self.log_magnitude(audio))
 
 class FrameDecoder(nn.Module):
     "Latent frames `[B, latent_dim, N]` -> audio `[B, T]`: per-frame log-magnitude and phase, then the inverse STFT."
@@ -210,18 +219,35 @@ class FrameDecoder(nn.Module):
         self.blocks = nn.Sequential(*[ConvNeXtBlock(c.width, c.mlp_ratio, 1 / c.n_layers) for _ in range(c.n_layers)])
         self.norm = nn.LayerNorm(c.width)
         self.head = nn.Conv1d(c.width, 2 * self.n_bins, 1)
-        self.istft = ISTFT(c.n_fft, c.hop)
+        self.istft, self.stft = ISTFT(c.n_fft, c.hop), STFT(c.n_fft, c.hop)
 
     def default_length(self, n_frames: int) -> int:
         "Samples decoded from `n_frames` frames when no length is given."
         return self.istft.default_length(n_frames)
 
-    def forward(self, z: torch.Tensor, length: int | None = None) -> torch.Tensor:
-        "Audio `[B, length]`."
+    def spectrum(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "Predicted natural-log magnitude and phase, each `[B, n_fft // 2 + 1, N]`."
         h = self.head(_channels_last_norm(self.norm, self.blocks(self.inp(z))))
-        mag = torch.exp(h[:, :self.n_bins].clamp(max=PHASE_CLAMP))
-        phase = h[:, self.n_bins:]
-        return self.istft(mag * torch.cos(phase), mag * torch.sin(phase), length)
+        return h[:, :self.n_bins].clamp(max=PHASE_CLAMP), h[:, self.n_bins:]
+
+    def synthesize(self, logmag: torch.Tensor,  # `[B, F, N]` natural-log magnitude
+                   phase: torch.Tensor,  # `[B, F, N]` initial phase
+                   length: int | None = None,  # samples to return
+                   griffin_lim: int = 0,  # Griffin-Lim iterations: keep the magnitude, take the phase of the re-analysed audio
+                   ) -> torch.Tensor:
+        "Audio from a magnitude and a phase, the phase optionally refined so that frames agree where they overlap."
+        mag = torch.exp(logmag)
+        re, im = mag * torch.cos(phase), mag * torch.sin(phase)
+        length = self.default_length(logmag.shape[-1]) if length is None else length
+        for _ in range(griffin_lim):
+            r2, i2 = self.stft(self.istft(re, im, length))
+            scale = mag / (r2.square() + i2.square()).add(LOG_FLOOR ** 2).sqrt()
+            re, im = r2 * scale, i2 * scale
+        return self.istft(re, im, length)
+
+    def forward(self, z: torch.Tensor, length: int | None = None, griffin_lim: int = 0) -> torch.Tensor:
+        "Audio `[B, length]`."
+        return self.synthesize(*self.spectrum(z), length, griffin_lim)
 
 # %% ../nbs/05b_codec.ipynb #8a27dacd
 class WaveEncoder(nn.Module):
@@ -261,8 +287,8 @@ class WaveDecoder(nn.Module):
         "Samples decoded from `n_frames` frames when no length is given."
         return n_frames * self.hop
 
-    def forward(self, z: torch.Tensor, length: int | None = None) -> torch.Tensor:
-        "Audio `[B, length]`."
+    def forward(self, z: torch.Tensor, length: int | None = None, griffin_lim: int = 0) -> torch.Tensor:
+        "Audio `[B, length]` (`griffin_lim` is for the frame decoder; a waveform decoder has no phase to refine)."
         y = self.net(z)[:, 0]
         length = self.default_length(z.shape[-1]) if length is None else length
         return F.pad(y, (0, max(0, length - y.shape[-1])))[:, :length]
@@ -273,6 +299,7 @@ class CodecOutput(NamedTuple):
     audio: torch.Tensor  # reconstruction `[B, T]`
     codes: torch.Tensor  # `[B, Q, frames]` int64
     commit_loss: torch.Tensor  # scalar commitment loss
+    spectral_loss: torch.Tensor  # scalar: frame arch, L1 between predicted and input log-magnitudes (0 for the wave arch)
 
 _ENCODERS = {"frame": FrameEncoder, "wave": WaveEncoder}
 _DECODERS = {"frame": FrameDecoder, "wave": WaveDecoder}
@@ -297,8 +324,15 @@ class Codec(nn.Module):
                 ) -> CodecOutput:
         "Reconstruction, codes and commitment loss (training updates the codebooks' statistics)."
         self._check_audio(audio)
+        n, iters = audio.shape[-1], 0 if self.training else self.config.griffin_lim
+        if self.config.arch == "frame":
+            target = self.encoder.log_magnitude(audio)
+            q = self.quantizer(self.encoder.from_log_magnitude(target), n_codebooks)
+            logmag, phase = self.decoder.spectrum(q.quantized)
+            spectral = F.l1_loss(logmag, target.detach())
+            return CodecOutput(self.decoder.synthesize(logmag, phase, n, iters), q.codes, q.commit_loss, spectral)
         q = self.quantizer(self.encoder(audio), n_codebooks)
-        return CodecOutput(self.decoder(q.quantized, audio.shape[-1]), q.codes, q.commit_loss)
+        return CodecOutput(self.decoder(q.quantized, n), q.codes, q.commit_loss, q.commit_loss.new_zeros(()))
 
     @torch.no_grad()
     def encode(self, audio: torch.Tensor,  # `[B, T]` float audio at `config.sample_rate`
@@ -312,8 +346,8 @@ class Codec(nn.Module):
     def decode(self, codes: torch.Tensor,  # `[B, Q', frames]` with Q' ≤ Q
                length: int | None = None,  # samples to return (default: what the frames cover)
                ) -> torch.Tensor:
-        "Audio `[B, length]`."
-        return self.decoder(self.quantizer.decode(codes), length)
+        "Audio `[B, length]` (the frame arch refines its phase with `config.griffin_lim` iterations)."
+        return self.decoder(self.quantizer.decode(codes), length, self.config.griffin_lim)
 
     def n_frames(self, length: int) -> int:
         "Code frames for a clip of `length` samples."
