@@ -7,7 +7,7 @@ __all__ = ['FLAG_DEST_PREFIX', 'SUBCOMMANDS', 'SEED_RANGE', 'MIN_PIECE_TOKENS', 
            'DERIVED_TRAIN_KEYS', 'config_fields', 'add_config_flags', 'config_from_args', 'subcommand', 'build_parser',
            'main', 'cmd_tokenize', 'newest_bundle', 'bundle_folder', 'cmd_generate', 'cmd_info',
            'train_config_from_args', 'cmd_train', 'cmd_evaluate', 'cmd_audio_render', 'cmd_audio_pitch',
-           'cmd_audio_check']
+           'cmd_audio_check', 'cmd_audio_encode', 'cmd_audio_decode']
 
 # %% ../nbs/14_cli.ipynb #8fa2c8a0
 import argparse
@@ -26,13 +26,14 @@ from .core import Config, ConfigError, KellyError, atomic_write, kelly_path, set
 from .tokenizer import Tokenizer, TokenizerConfig, check_roundtrip
 from .datasets import TokenCache
 from .samplers import SamplingConfig, generate, midi_prompt
-from .exporters import MANIFEST_FILE, bundle_info, export_pieces, load_bundle
+from .exporters import (MANIFEST_FILE, AudioCodes, BundleError, bundle_info, bundle_kind, decode_audio, encode_audio,
+                             export_pieces, load_bundle)
 from .evaluation import (CORPUS_PLOT, CORPUS_REPORT, QUALITY_PLOT, QUALITY_REPORT, evaluate_bundle, evaluate_folders,
                               format_folder_report, format_summary)
 from .distributed import is_main_process
 from .trainers import BUNDLE_DIR, CONFIG_FILE, TrainConfig, run_folder, train
 from .audio import (PITCH_FMAX, PITCH_FMIN, RENDER_SR, SYNTHS, check_audio_folder, load_audio, plot_pitch,
-                         render_midi, track_pitch, write_pitch_csv)
+                         render_midi, save_audio, track_pitch, write_pitch_csv)
 
 # %% ../nbs/14_cli.ipynb #b2606625
 FLAG_DEST_PREFIX = "cfg:"  # argparse destinations of config flags start with this
@@ -154,12 +155,30 @@ SEED_RANGE = 2**31  # seeds drawn for unseeded runs are below this
 MIN_PIECE_TOKENS = 64  # the CLI's pieces may not end before this many new tokens (about a bar of a chorale)
 CLI_SAMPLING = SamplingConfig(min_new_tokens=MIN_PIECE_TOKENS)  # what `kelly generate`/`evaluate` start from
 
+def _manifest_hash(path: Path) -> str | None:
+    "The model hash a bundle's manifest names (format 2), or None."
+    try: return json.loads((path/MANIFEST_FILE).read_text(encoding="utf-8")).get("model", {}).get("hash")
+    except (OSError, ValueError, AttributeError): return None
+
 def newest_bundle(root: Path | None = None,  # where to look (default: `$KELLY_HOME/runs`)
+                  *,
+                  kind: str | None = None,  # only bundles of this model kind ("lm", "codec")
+                  model_hash: str | None = None,  # only the bundle of this model (a codes file's `model_hash`)
                   ) -> Path:
-    "The most recently written bundle folder under `root`; `KellyError` when there is none."
+    "The most recently written bundle folder under `root` (of `kind`, of the model `model_hash`); `KellyError` when there is none."
     root = Path(root) if root is not None else kelly_path("runs")
     found = [m.parent for m in root.rglob(MANIFEST_FILE)] if root.is_dir() else []
-    if not found: raise KellyError(f"no model bundle under {root}: train one with `kelly train`, or pass --model BUNDLE")
+    if kind is not None:
+        def _is_kind(p):
+            try: return bundle_kind(p) == kind
+            except BundleError: return False   # not a readable bundle: not a candidate
+        found = [p for p in found if _is_kind(p)]
+    if model_hash is not None: found = [p for p in found if _manifest_hash(p) == model_hash]
+    if not found:
+        what = f"{kind} bundle" if kind else "model bundle"
+        if model_hash is not None: what += f" of the model {model_hash[:12]}"
+        train = "kelly audio train" if kind == "codec" else "kelly train"
+        raise KellyError(f"no {what} under {root}: train one with `{train}`, or pass --model BUNDLE")
     return max(found, key=lambda p: (p/MANIFEST_FILE).stat().st_mtime_ns)
 
 def bundle_folder(path: Path,  # a bundle folder, or a run folder that holds one in `bundle/`
@@ -174,10 +193,10 @@ def _add_model_flag(p):
     p.add_argument("--model", type=Path, default=None, metavar="BUNDLE|RUN",
                    help="a bundle folder or a run folder (default: the newest bundle under $KELLY_HOME/runs)")
 
-def _bundle_path(args) -> Path:
-    "`--model` (a bundle or run folder), or the newest bundle (named in the log) when it was not given."
+def _bundle_path(args, kind: str = "lm", model_hash: str | None = None) -> Path:
+    "`--model` (a bundle or run folder), or the newest bundle of `kind` (and `model_hash`; named in the log) when it was not given."
     if args.model is not None: return bundle_folder(args.model)
-    path = newest_bundle()
+    path = newest_bundle(kind=kind, model_hash=model_hash)
     logging.getLogger(__name__).info("no --model given: using the newest bundle, %s", path)
     return path
 
@@ -189,7 +208,7 @@ def cmd_generate(args,  # parsed arguments of `kelly generate`
     sampling = config_from_args(args, SamplingConfig, base=CLI_SAMPLING)
     if sampling.seed is None: sampling = sampling.override(f"seed={int(torch.randint(SEED_RANGE, ()))}")
     path = _bundle_path(args)
-    bundle = load_bundle(path, device=args.device)
+    bundle = load_bundle(path, device=args.device, kind="lm")
     prompt = midi_prompt(bundle.tokenizer, args.prompt, args.prompt_tokens) if args.prompt is not None else None
     gen = generate(bundle.model, bundle.tokenizer, prompt=prompt, n=args.n, config=sampling)
     exports = export_pieces(bundle.tokenizer, gen, out_dir=args.out, prefix=args.prefix, piano_rolls=not args.no_piano_roll)
@@ -287,7 +306,7 @@ def cmd_evaluate(args,  # parsed arguments of `kelly evaluate`
     sampling = config_from_args(args, SamplingConfig, base=CLI_SAMPLING.override("seed=0"))
     dest = args.report or Path(path).parent/QUALITY_REPORT
     plot = Path(dest).with_suffix(".png")
-    report = evaluate_bundle(load_bundle(path), n=args.n, corpus=args.reference, sampling=sampling, report=dest, plot=plot,
+    report = evaluate_bundle(load_bundle(path, kind="lm"), n=args.n, corpus=args.reference, sampling=sampling, report=dest, plot=plot,
                              memorisation=not args.no_memorisation)
     for line in format_summary(report): print(line, file=out)
     print(f"report: {dest}", file=out); print(f"plot: {plot}", file=out)
@@ -346,9 +365,45 @@ def cmd_audio_check(args,  # parsed arguments of `kelly audio check`
     print(report.summary(), file=out or sys.stdout)
     return 0 if report.files and not report.failed else 1
 
+def _bitrate(codec_config, n_codebooks: int) -> float:
+    "Bits per second of `n_codebooks` codebooks."
+    return codec_config.frame_rate * codec_config.quantizer.bits_per_frame * n_codebooks / codec_config.quantizer.n_codebooks
+
+def cmd_audio_encode(args,  # parsed arguments of `kelly audio encode`
+                     out=None,  # where to print (default stdout)
+                     ) -> int:
+    "Encode an audio file with a codec bundle into a codes file (.npz); returns the exit status."
+    out = out or sys.stdout
+    path = _bundle_path(args, kind="codec")
+    bundle = load_bundle(path, kind="codec")
+    codes = encode_audio(bundle, args.file, n_codebooks=args.codebooks)
+    dest = codes.save(args.out or Path(args.file).with_suffix(".codes.npz"))
+    q, n = codes.codes.shape
+    print(f"codec: {path} (model {bundle.model_hash[:12]})", file=out)
+    print(f"{args.file}: {codes.length / codes.sample_rate:.2f} s at {codes.sample_rate} Hz -> {q} x {n} codes "
+          f"({_bitrate(bundle.config, q) / 1000:.2f} kbit/s)", file=out)
+    print(dest, file=out)
+    return 0
+
+def cmd_audio_decode(args,  # parsed arguments of `kelly audio decode`
+                     out=None,  # where to print (default stdout)
+                     ) -> int:
+    "Decode a codes file with the codec bundle that made it and write the audio; returns the exit status."
+    out = out or sys.stdout
+    codes = AudioCodes.load(args.codes)
+    path = _bundle_path(args, kind="codec", model_hash=codes.model_hash)
+    bundle = load_bundle(path, kind="codec")
+    y, sr = decode_audio(bundle, codes, sample_rate=args.sample_rate)
+    dest = save_audio(args.out or Path(args.codes).with_suffix(".wav"), y, sr)
+    print(f"codec: {path} (model {bundle.model_hash[:12]})", file=out)
+    print(f"{args.codes}: {codes.n_codebooks} x {codes.codes.shape[1]} codes of {codes.source} -> {len(y) / sr:.2f} s at {sr} Hz", file=out)
+    print(dest, file=out)
+    return 0
+
 @subcommand
 def _add_audio(sub):
-    p = sub.add_parser("audio", help="audio: render MIDI, track pitch, check a folder", description="The audio layer's commands.")
+    p = sub.add_parser("audio", help="audio: render MIDI, track pitch, check a folder, encode and decode with a codec",
+                       description="The audio layer's commands.")
     audio = p.add_subparsers(dest="audio_command", metavar="AUDIO_COMMAND", required=True)
     r = audio.add_parser("render", help="render MIDI files to audio with FluidSynth", description=cmd_audio_render.__doc__)
     r.add_argument("midi", type=Path, nargs="+", help="MIDI files")
@@ -370,6 +425,20 @@ def _add_audio(sub):
     c = audio.add_parser("check", help="which audio files of a folder load, and why others do not", description=cmd_audio_check.__doc__)
     c.add_argument("folder", type=Path, help="a folder of audio files (searched recursively)")
     c.set_defaults(func=cmd_audio_check)
+    model_help = "a codec bundle or a run folder holding one (default: the newest codec bundle under $KELLY_HOME/runs)"
+    e = audio.add_parser("encode", help="encode an audio file into codes (.npz) with a codec bundle", description=cmd_audio_encode.__doc__)
+    e.add_argument("file", type=Path, help="an audio file (any rate: resampled to the codec's)")
+    e.add_argument("--model", type=Path, default=None, metavar="BUNDLE|RUN", help=model_help)
+    e.add_argument("--out", type=Path, default=None, metavar="CODES.npz", help="the codes file to write [FILE.codes.npz]")
+    e.add_argument("--codebooks", type=int, default=None, metavar="K", help="keep only the first K codebooks [all]")
+    e.set_defaults(func=cmd_audio_encode)
+    d = audio.add_parser("decode", help="decode a codes file (.npz) back into audio", description=cmd_audio_decode.__doc__)
+    d.add_argument("codes", type=Path, help="a codes file written by `kelly audio encode`")
+    d.add_argument("--model", type=Path, default=None, metavar="BUNDLE|RUN",
+                   help="the codec bundle that made the codes, or its run folder (default: the newest one under $KELLY_HOME/runs)")
+    d.add_argument("--out", type=Path, default=None, metavar="FILE.wav", help="the audio file to write (.wav or .flac) [CODES.wav]")
+    d.add_argument("--sample_rate", type=int, default=None, metavar="HZ", help="rate of the written audio [the source file's]")
+    d.set_defaults(func=cmd_audio_decode)
 
 # %% ../nbs/14_cli.ipynb #a3e5feda
 #| eval: false

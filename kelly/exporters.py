@@ -6,10 +6,14 @@
 __all__ = ['MIDI_TPQ', 'PIANO_ROLL_SIZE', 'PIANO_ROLL_DPI', 'NOTE_HEIGHT', 'MIN_ALPHA', 'NOTE_EDGE_WIDTH', 'PITCH_MARGIN',
            'TRACK_COLOURS', 'BAR_LINE_COLOUR', 'BUNDLE_FORMAT', 'BUNDLE_VERSION', 'MANIFEST_FILE', 'WEIGHTS_FILE',
            'CONFIG_FILE', 'TOKENIZER_FILE', 'METADATA_FILE', 'BUNDLE_FILES', 'MANIFEST_HASH_KEY',
-           'WEIGHTS_TOKENIZER_KEY', 'MODEL_TYPES', 'BUNDLE_LOADERS', 'ONNX_TRACE_SHAPE', 'ONNX_CHECK_SHAPE',
-           'ONNX_ATOL', 'ExportError', 'BundleError', 'rescale', 'MidiExport', 'write_midi', 'ids_to_midi',
-           'export_pieces', 'draw_piano_roll', 'piano_roll_figure', 'save_piano_roll', 'n_parameters', 'save_bundle',
-           'Bundle', 'bundle_loader', 'load_bundle', 'bundle_info', 'export_onnx']
+           'WEIGHTS_TOKENIZER_KEY', 'WEIGHTS_CONFIG_KEY', 'TRAINING_DATA_KEYS', 'BUNDLE_KINDS', 'BUNDLE_LOADERS',
+           'ONNX_TRACE_SHAPE', 'ONNX_CHECK_SHAPE', 'ONNX_ATOL', 'CODEC_ENCODER_ONNX', 'CODEC_DECODER_ONNX',
+           'CODEC_ONNX_OPSET', 'CODEC_ONNX_TRACE_SECONDS', 'CODEC_ONNX_CHECK_SHAPE', 'CODEC_ONNX_MIN_AGREEMENT',
+           'CODEC_ONNX_LATENT_RTOL', 'CODES_KEYS', 'ExportError', 'BundleError', 'rescale', 'MidiExport', 'write_midi',
+           'ids_to_midi', 'export_pieces', 'draw_piano_roll', 'piano_roll_figure', 'save_piano_roll', 'BundleKind',
+           'codec_summary', 'kind_of', 'model_hash', 'n_parameters', 'save_bundle', 'Bundle', 'bundle_loader',
+           'bundle_kind', 'load_bundle', 'bundle_info', 'export_onnx', 'CodecOnnx', 'export_codec_onnx', 'AudioCodes',
+           'encode_audio', 'decode_audio']
 
 # %% ../nbs/09_exporters.ipynb #059f666c
 import datetime
@@ -26,7 +30,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import matplotlib
 import numpy as np
@@ -43,7 +47,9 @@ from . import __version__
 from .core import Config, ConfigError, KellyError, atomic_write, pick_device, sha256_file, write_json
 from .midi import (DEFAULT_QPM, DEFAULT_TIME_SIGNATURE, MIDI_MAX, TEMPO_DTYPE, TIME_SIGNATURE_DTYPE, Music, RepairReport,
                         Track, bars, repair, save_midi)
+from .audio import load_audio, resample
 from .models import MusicTransformer, TransformerConfig
+from .codec import Codec, CodecConfig, CodecError
 from .tokenizer import DecodeReport, Tokenizer, TokenizerConfig, TokenizerError
 
 # %% ../nbs/09_exporters.ipynb #7e913a61
@@ -231,21 +237,82 @@ def save_piano_roll(music: Music,  # what to draw
 
 # %% ../nbs/09_exporters.ipynb #d0a78f23
 BUNDLE_FORMAT = "kelly.bundle"  # the "format" field of every manifest
-BUNDLE_VERSION = 1  # the format version `save_bundle` writes
+BUNDLE_VERSION = 2  # the format version `save_bundle` writes (1: language models only, no kind)
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 METADATA_FILE = "metadata.json"
-BUNDLE_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, METADATA_FILE)  # the files a manifest lists (format 1)
+BUNDLE_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, METADATA_FILE)  # the files a language-model bundle lists (formats 1 and 2)
 MANIFEST_HASH_KEY = "manifest_sha256"  # the manifest's own checksum (over its bytes with this value zeroed)
 _HASH_PLACEHOLDER = "0" * 64
 WEIGHTS_TOKENIZER_KEY = "kelly.tokenizer_hash"  # safetensors header entry binding the weights to their tokenizer
+WEIGHTS_CONFIG_KEY = "kelly.config"  # safetensors header entry (format 2): the model config as JSON
+TRAINING_DATA_KEYS = ("corpus", "corpus_limit")  # metadata keys that `Bundle.info` shows as the training data
 _TMP_SUFFIX, _OLD_SUFFIX = ".tmp", ".old"
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
-MODEL_TYPES: dict[str, tuple[type, type]] = {"MusicTransformer": (MusicTransformer, TransformerConfig)}  # class name -> (model, config)
+# %% ../nbs/09_exporters.ipynb #043a1d6f
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    "The model inside DDP / DataParallel (`.module`) or `torch.compile` (`._orig_mod`) wrappers."
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (getattr(model, "module", None) if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else None)
+        if inner is None: return model
+        model = inner
+
+@dataclass(frozen=True)
+class BundleKind:
+    "One kind of model a bundle can hold: its classes, whether a tokenizer travels with it, and what its manifest says."
+    name: str  # the manifest's `kind` ("lm", "codec")
+    model_cls: type  # the model class (its name is the manifest's `model.class`)
+    config_cls: type  # the config class that rebuilds it from `config.json`
+    tokenizer: bool  # a tokenizer travels with the model: required to save, checked on load
+    summary: Callable | None = None  # model -> plain dict, the manifest's section under the kind's name
+    problem: Callable | None = None  # model -> why it cannot be bundled, or None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        "The files a manifest of this kind lists."
+        return BUNDLE_FILES if self.tokenizer else (WEIGHTS_FILE, CONFIG_FILE, METADATA_FILE)
+
+def codec_summary(codec: Codec,  # the codec to describe
+                  ) -> dict:
+    "A codec's architecture, rates, codebooks and bitrate: its bundle's manifest section, and what `kelly info` shows."
+    c = codec.config
+    return {"arch": c.arch, "sample_rate": c.sample_rate, "hop": c.hop, "frame_rate": c.frame_rate,
+            "n_codebooks": c.quantizer.n_codebooks, "codebook_size": c.quantizer.codebook_size, "bitrate": c.bitrate}
+
+def _codec_problem(codec: Codec) -> str | None:
+    cold = [k for k, cb in enumerate(codec.quantizer.codebooks) if not bool(cb.initialised)]
+    if cold: return (f"codebooks {cold} were never initialised (k-means runs on the first training forward); "
+                     "train the codec at least one step before bundling it")
+    return None
+
+BUNDLE_KINDS: dict[str, BundleKind] = {k.name: k for k in (
+    BundleKind("lm", MusicTransformer, TransformerConfig, tokenizer=True),
+    BundleKind("codec", Codec, CodecConfig, tokenizer=False, summary=codec_summary, problem=_codec_problem))}  # kind name -> kind
+
+def kind_of(model: torch.nn.Module,  # a model (DDP / compiled wrappers are unwrapped)
+            where="model",  # what error messages name (the bundle path)
+            ) -> BundleKind:
+    "The `BundleKind` that holds `model`; `BundleError` when no kind does."
+    model = _unwrap(model)
+    for kind in BUNDLE_KINDS.values():
+        if type(model) is kind.model_cls: return kind
+    raise BundleError(f"{where}: cannot bundle a {type(model).__name__} (bundles hold: "
+                      f"{', '.join(f'{k.model_cls.__name__} ({k.name})' for k in BUNDLE_KINDS.values())})")
+
+def model_hash(model: torch.nn.Module,  # a bundleable model (wrappers are unwrapped)
+               ) -> str:
+    "Hex SHA-256 of a model's class, config and every tensor of its state: what code files store to name their codec."
+    model = _unwrap(model)
+    h = hashlib.sha256(f"{type(model).__name__}\0{json.dumps(model.config.to_dict(), sort_keys=True)}".encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"\0{name}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 # %% ../nbs/09_exporters.ipynb #2a3439b5
 def _plain(value, where: str):
@@ -272,18 +339,6 @@ def _plain(value, where: str):
 
 
 # %% ../nbs/09_exporters.ipynb #31e7a4f3
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    "The model inside DDP / DataParallel (`.module`) or `torch.compile` (`._orig_mod`) wrappers."
-    while True:
-        inner = getattr(model, "_orig_mod", None) or (getattr(model, "module", None) if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else None)
-        if inner is None: return model
-        model = inner
-
-def _model_type(model: torch.nn.Module, where) -> str:
-    for name, (cls, _) in MODEL_TYPES.items():
-        if type(model) is cls: return name
-    raise BundleError(f"{where}: cannot bundle a {type(model).__name__} (bundles hold: {', '.join(MODEL_TYPES)})")
-
 def n_parameters(model: torch.nn.Module,  # shared (tied) parameters count once
                  ) -> int:
     "Number of distinct parameters of a model."
@@ -306,18 +361,26 @@ def _manifest_text(manifest: dict) -> str:
     text = json.dumps({**manifest, MANIFEST_HASH_KEY: _HASH_PLACEHOLDER}, indent=1, allow_nan=False) + "\n"
     return text.replace(_HASH_PLACEHOLDER, hashlib.sha256(text.encode()).hexdigest(), 1)
 
-def _write_bundle_files(folder: Path, model: torch.nn.Module, kind: str, tokenizer: Tokenizer, metadata: dict):
-    "Every file of a format-1 bundle, into an empty `folder`."
-    safetensors.torch.save_model(model, str(folder/WEIGHTS_FILE), metadata={"format": "pt", "kelly.model": kind, WEIGHTS_TOKENIZER_KEY: tokenizer.hash})
+def _config_json(config: Config) -> str:
+    "A config as canonical JSON (sorted keys): what the weights' header holds."
+    return json.dumps(config.to_dict(), sort_keys=True)
+
+def _write_bundle_files(folder: Path, model: torch.nn.Module, kind: BundleKind, tokenizer: Tokenizer | None, metadata: dict):
+    "Every file of a format-2 bundle, into an empty `folder`."
+    header = {"format": "pt", "kelly.model": type(model).__name__, "kelly.kind": kind.name, WEIGHTS_CONFIG_KEY: _config_json(model.config)}
+    if tokenizer is not None: header[WEIGHTS_TOKENIZER_KEY] = tokenizer.hash
+    safetensors.torch.save_model(model, str(folder/WEIGHTS_FILE), metadata=header)
     _fsync(folder/WEIGHTS_FILE)
     write_json(folder/CONFIG_FILE, model.config.to_dict())
-    tokenizer.save(folder/TOKENIZER_FILE)
+    if tokenizer is not None: tokenizer.save(folder/TOKENIZER_FILE)
     write_json(folder/METADATA_FILE, metadata)
     dtype = next(model.parameters()).dtype
-    manifest = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "kelly_version": __version__, "created": _utc_now(),
-                "model": {"class": kind, "n_params": n_parameters(model), "dtype": str(dtype).removeprefix("torch.")},
-                "tokenizer": {"hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size},
-                "files": {name: {"bytes": (folder/name).stat().st_size, "sha256": sha256_file(folder/name)} for name in BUNDLE_FILES}}
+    manifest = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "kind": kind.name, "kelly_version": __version__,
+                "created": _utc_now(), "model": {"class": type(model).__name__, "n_params": n_parameters(model),
+                                                 "dtype": str(dtype).removeprefix("torch."), "hash": model_hash(model)}}
+    if tokenizer is not None: manifest["tokenizer"] = {"hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size}
+    if kind.summary is not None: manifest[kind.name] = _plain(kind.summary(model), kind.name)
+    manifest["files"] = {name: {"bytes": (folder/name).stat().st_size, "sha256": sha256_file(folder/name)} for name in kind.files}
     with atomic_write(folder/MANIFEST_FILE) as f: f.write(_manifest_text(manifest))
     _fsync(folder)
 
@@ -344,19 +407,25 @@ def _remove_leftovers(path: Path):
             shutil.rmtree(f, ignore_errors=True)
 
 def save_bundle(path: str | os.PathLike,  # the bundle folder to create
-                model: torch.nn.Module,  # a trained `MusicTransformer` (DDP / compiled wrappers are unwrapped)
+                model: torch.nn.Module,  # a trained `MusicTransformer` or `Codec` (DDP / compiled wrappers are unwrapped)
                 *,
-                tokenizer: Tokenizer,  # the tokenizer the model was trained with
+                tokenizer: Tokenizer | None = None,  # the tokenizer the model was trained with (language models: required; codecs: none)
                 metadata: dict | None = None,  # training metadata: plain JSON (steps, metrics, corpus, date, ...)
                 overwrite: bool = False,  # replace an existing bundle at `path`
                 ) -> Path:
-    "Write a model bundle folder atomically: safetensors weights, config, tokenizer, metadata and a checksummed manifest."
+    "Write a model bundle folder atomically: safetensors weights, config, tokenizer (language models), metadata and a checksummed manifest."
     path = Path(path)
     model = _unwrap(model)
-    kind = _model_type(model, path)
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise BundleError(f"{path}: the model has {model.config.vocab_size} token ids but the tokenizer {tokenizer.vocab_size}; "
-                          "bundle the tokenizer the model was trained with")
+    kind = kind_of(model, path)
+    if kind.tokenizer:
+        if tokenizer is None: raise BundleError(f"{path}: a {kind.name} bundle needs the tokenizer the model was trained with (tokenizer=...)")
+        if model.config.vocab_size != tokenizer.vocab_size:
+            raise BundleError(f"{path}: the model has {model.config.vocab_size} token ids but the tokenizer {tokenizer.vocab_size}; "
+                              "bundle the tokenizer the model was trained with")
+    elif tokenizer is not None:
+        raise BundleError(f"{path}: a {kind.name} bundle holds no tokenizer; leave tokenizer= out")
+    why = kind.problem(model) if kind.problem is not None else None
+    if why: raise BundleError(f"{path}: cannot bundle this {type(model).__name__}: {why}")
     meta = _plain({} if metadata is None else metadata, "metadata")
     if not isinstance(meta, dict): raise BundleError(f"{path}: metadata must be a dict, got {type(metadata).__name__}")
     if path.exists():
@@ -371,29 +440,36 @@ def save_bundle(path: str | os.PathLike,  # the bundle folder to create
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _log.info("saved bundle %s (%s, %d parameters, tokenizer %s)", path, kind, n_parameters(model), tokenizer.hash[:12])
+    _log.info("saved bundle %s (%s: %s, %d parameters%s)", path, kind.name, type(model).__name__, n_parameters(model),
+              f", tokenizer {tokenizer.hash[:12]}" if tokenizer is not None else "")
     return path
 
 # %% ../nbs/09_exporters.ipynb #27db7d09
 @dataclass
 class Bundle:
-    "A loaded model bundle: the model (eval mode) with its tokenizer, config, metadata and manifest."
+    "A loaded model bundle: the model (eval mode) with its kind, tokenizer, config, metadata, manifest and model hash."
     path: Path  # the bundle folder
     model: torch.nn.Module  # the model, in eval mode on the device asked for
-    tokenizer: Tokenizer  # the tokenizer the model was trained with
-    config: Config  # the model's config (a `TransformerConfig`)
+    tokenizer: Tokenizer | None  # the tokenizer the model was trained with (None for a codec)
+    config: Config  # the model's config (a `TransformerConfig` or `CodecConfig`)
     metadata: dict  # training metadata, as saved
     manifest: dict  # the manifest, as saved
+    kind: str = "lm"  # the model kind ("lm", "codec"), a key of `BUNDLE_KINDS`
+    model_hash: str = ""  # `model_hash(model)`, checked against the manifest's on load
 
     def info(self) -> dict:
-        "A plain, JSON-serialisable summary: format, versions, model, parameter count, config, tokenizer, metadata, files."
+        "A plain, JSON-serialisable summary: kind, format, versions, model, parameters, config, tokenizer or codec, training data, metadata, files."
         m, t = self.manifest, self.tokenizer
-        return {"path": str(self.path), "format_version": m["format_version"], "kelly_version": m.get("kelly_version"),
-                "created": m.get("created"), "model": m["model"]["class"], "n_params": n_parameters(self.model),
-                "dtype": m["model"].get("dtype"), "config": self.config.to_dict(),
-                "tokenizer": {"hash": t.hash, "vocab_size": t.vocab_size, "pad_id": t.pad_id, "bos_id": t.bos_id,
-                              "eos_id": t.eos_id, "config": t.config.to_dict()},
-                "metadata": self.metadata, "files": {name: e["bytes"] for name, e in m["files"].items()}}
+        out = {"path": str(self.path), "kind": self.kind, "format_version": m["format_version"], "kelly_version": m.get("kelly_version"),
+               "created": m.get("created"), "model": m["model"]["class"], "n_params": n_parameters(self.model),
+               "dtype": m["model"].get("dtype"), "model_hash": self.model_hash, "config": self.config.to_dict()}
+        if t is not None:
+            out["tokenizer"] = {"hash": t.hash, "vocab_size": t.vocab_size, "pad_id": t.pad_id, "bos_id": t.bos_id,
+                                "eos_id": t.eos_id, "config": t.config.to_dict()}
+        kind = BUNDLE_KINDS[self.kind]
+        if kind.summary is not None: out[self.kind] = _plain(kind.summary(self.model), self.kind)
+        out["training_data"] = {k: self.metadata[k] for k in TRAINING_DATA_KEYS if k in self.metadata}
+        return out | {"metadata": self.metadata, "files": {name: e["bytes"] for name, e in m["files"].items()}}
 
 BUNDLE_LOADERS: dict[int, Callable] = {}  # format version -> function(path, manifest, raw_manifest, device) -> Bundle
 
@@ -431,13 +507,37 @@ def _read_manifest(path: Path) -> tuple[dict, bytes]:
     if version not in BUNDLE_LOADERS: raise BundleError(f"{mpath}: bundle format version {version} has no reader in this kelly")
     return manifest, raw
 
+def _manifest_kind(mpath: Path, manifest: dict) -> BundleKind:
+    "The kind a manifest names (format 1: always a language model); unknown kinds are refused."
+    if manifest["format_version"] == 1: return BUNDLE_KINDS["lm"]
+    if "kind" not in manifest: raise BundleError(f"{mpath}: names no model kind (format {manifest['format_version']} must)")
+    name = manifest["kind"]
+    if not isinstance(name, str) or name not in BUNDLE_KINDS:
+        raise BundleError(f"{mpath}: model kind {name!r} is unknown to this kelly ({__version__}), which reads "
+                          f"{', '.join(map(repr, BUNDLE_KINDS))}; upgrade kelly to load it")
+    return BUNDLE_KINDS[name]
+
+def bundle_kind(path: str | os.PathLike,  # a bundle folder
+                ) -> str:
+    "The model kind (`lm`, `codec`) a bundle's manifest names, without loading the model; `BundleError` for what is not a readable bundle."
+    path = Path(path)
+    manifest, _ = _read_manifest(path)
+    return _manifest_kind(path/MANIFEST_FILE, manifest).name
+
 def load_bundle(path: str | os.PathLike,  # a bundle folder written by `save_bundle`
                 tokenizer: Tokenizer | None = None,  # refuse the bundle unless its tokenizer is this one
                 device: str | torch.device = "cpu",  # where the model goes ("auto": CUDA, MPS, CPU)
+                *,
+                kind: str | None = None,  # refuse the bundle unless it holds this kind of model ("lm", "codec")
                 ) -> Bundle:
-    "Load and verify a model bundle (checksums, format version, tokenizer); problems raise `BundleError` naming the file."
+    "Load and verify a model bundle (checksums, format version, kind, tokenizer); problems raise `BundleError` naming the file."
     path = Path(path)
     manifest, raw = _read_manifest(path)
+    found = _manifest_kind(path/MANIFEST_FILE, manifest)
+    if kind is not None and found.name != kind:
+        raise BundleError(f"{path}: holds a {found.name} model ({found.model_cls.__name__}), not the {kind} model this needs")
+    if tokenizer is not None and not found.tokenizer:
+        raise BundleError(f"{path}: a {found.name} bundle holds no tokenizer to compare with the one given")
     bundle = BUNDLE_LOADERS[manifest["format_version"]](path, manifest, raw, pick_device(device))
     if tokenizer is not None and tokenizer.hash != bundle.tokenizer.hash:
         raise BundleError(f"{path/TOKENIZER_FILE}: the model was trained with tokenizer {bundle.tokenizer.hash[:12]} "
@@ -447,7 +547,7 @@ def load_bundle(path: str | os.PathLike,  # a bundle folder written by `save_bun
 
 def bundle_info(path: str | os.PathLike,  # a bundle folder
                 ) -> dict:
-    "A plain summary of a verified bundle (format, versions, parameter count, config, tokenizer, metadata, files), as `kelly info` shows it."
+    "A plain summary of a verified bundle (kind, format, versions, parameters, config, tokenizer or codec, training data, metadata, files), as `kelly info` shows it."
     return load_bundle(path).info()
 
 # %% ../nbs/09_exporters.ipynb #c23a55fd
@@ -474,9 +574,9 @@ def _read_json_file(f: Path):
     try: return json.loads(f.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e: raise BundleError(f"{f}: not valid JSON: {e}") from e
 
-def _weights_tokenizer_hash(f: Path) -> str | None:
+def _weights_header(f: Path) -> dict:
     try:
-        with safetensors.safe_open(str(f), "pt") as h: return (h.metadata() or {}).get(WEIGHTS_TOKENIZER_KEY)
+        with safetensors.safe_open(str(f), "pt") as h: return h.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for a malformed header
         raise BundleError(f"{f}: not a readable safetensors file: {e}") from e
 
@@ -490,57 +590,91 @@ def _build_model(path: Path, model_cls: type, config: Config, dtype: str, device
         raise BundleError(f"{f}: the weights do not fit the model {CONFIG_FILE} describes: {e}") from e
     return model.to(device).eval()
 
-@bundle_loader(1)
-def _load_v1(path: Path, manifest: dict, raw: bytes, device: torch.device) -> Bundle:
-    "Reader of bundle format 1 (see the table above)."
+def _check_files(path: Path, manifest: dict, raw: bytes, kind: BundleKind) -> dict:
+    "The manifest's checksum, then every file the kind needs: present, listed, of the listed size and SHA-256."
     mpath = path/MANIFEST_FILE
     _check_manifest_hash(mpath, manifest, raw)
     try:
-        files, kind = manifest["files"], manifest["model"]["class"]
-        missing = [n for n in BUNDLE_FILES if n not in files]
+        files = manifest["files"]
+        missing = [n for n in kind.files if n not in files]
         if missing: raise BundleError(f"{mpath}: does not list {', '.join(missing)}")
         for name, entry in files.items(): _check_file(path, name, entry)
-        tok_hash, dtype = manifest["tokenizer"]["hash"], manifest["model"]["dtype"]
     except (KeyError, TypeError) as e:
         raise BundleError(f"{mpath}: malformed manifest ({type(e).__name__}: {e})") from e
     extra = sorted(p.name for p in path.iterdir() if p.name not in files and p.name != MANIFEST_FILE)
     if extra: _log.warning("%s: files not listed in the manifest are ignored: %s", path, ", ".join(extra))
-    if kind not in MODEL_TYPES: raise BundleError(f"{mpath}: unknown model class {kind!r} (this kelly knows {', '.join(MODEL_TYPES)})")
-    model_cls, config_cls = MODEL_TYPES[kind]
-    try:
-        config = config_cls.from_dict(_read_json_file(path/CONFIG_FILE))
-    except ConfigError as e:
-        raise BundleError(f"{path/CONFIG_FILE}: {e}") from e
+    return files
+
+def _read_tokenizer(path: Path, manifest: dict, header: dict, config: Config) -> Tokenizer:
+    "The bundle's tokenizer, checked against the manifest, the weights' header and the config."
     try:
         tokenizer = Tokenizer.from_json((path/TOKENIZER_FILE).read_text(encoding="utf-8"), str(path/TOKENIZER_FILE))
     except (TokenizerError, UnicodeDecodeError) as e:
         raise BundleError(f"{path/TOKENIZER_FILE}: {e}") from e
+    tok_hash = manifest["tokenizer"]["hash"]
     if tokenizer.hash != tok_hash:
         raise BundleError(f"{path/TOKENIZER_FILE}: tokenizer {tokenizer.hash[:12]} is not the {tok_hash[:12]} the manifest names")
-    weights_hash = _weights_tokenizer_hash(path/WEIGHTS_FILE)
+    weights_hash = header.get(WEIGHTS_TOKENIZER_KEY)
     if weights_hash != tokenizer.hash:
         raise BundleError(f"{path/TOKENIZER_FILE}: the weights were trained with tokenizer {str(weights_hash)[:12]}, "
                           f"not this one ({tokenizer.hash[:12]})")
     if config.vocab_size != tokenizer.vocab_size:
         raise BundleError(f"{path/CONFIG_FILE}: the model has {config.vocab_size} token ids but the tokenizer {tokenizer.vocab_size}")
-    model = _build_model(path, model_cls, config, dtype, device)
+    return tokenizer
+
+def _read_bundle(path: Path, manifest: dict, raw: bytes, device: torch.device, kind: BundleKind) -> Bundle:
+    "What both format readers do once the kind is known."
+    mpath = path/MANIFEST_FILE
+    _check_files(path, manifest, raw, kind)
+    try:
+        cls_name, dtype = manifest["model"]["class"], manifest["model"]["dtype"]
+        if kind.tokenizer: manifest["tokenizer"]["hash"]
+    except (KeyError, TypeError) as e:
+        raise BundleError(f"{mpath}: malformed manifest ({type(e).__name__}: {e})") from e
+    if cls_name != kind.model_cls.__name__:
+        raise BundleError(f"{mpath}: unknown model class {cls_name!r} for a {kind.name} bundle (this kelly knows {kind.model_cls.__name__})")
+    try:
+        config = kind.config_cls.from_dict(_read_json_file(path/CONFIG_FILE))
+    except ConfigError as e:
+        raise BundleError(f"{path/CONFIG_FILE}: {e}") from e
+    header = _weights_header(path/WEIGHTS_FILE)
+    tokenizer = _read_tokenizer(path, manifest, header, config) if kind.tokenizer else None
+    model = _build_model(path, kind.model_cls, config, dtype, device)
+    if WEIGHTS_CONFIG_KEY in header and header[WEIGHTS_CONFIG_KEY] != _config_json(config):   # (an edit that kept every shape)
+        raise BundleError(f"{path/CONFIG_FILE}: is not the config the weights were saved with (their header holds another)")
+    digest = model_hash(model)
+    if manifest["model"].get("hash", digest) != digest:
+        raise BundleError(f"{path/WEIGHTS_FILE}: the loaded model's hash {digest[:12]} is not the {manifest['model']['hash'][:12]} the manifest names")
     metadata = _read_json_file(path/METADATA_FILE)
-    _log.info("loaded bundle %s (%s, %d parameters, tokenizer %s)", path, kind, n_parameters(model), tokenizer.hash[:12])
-    return Bundle(path, model, tokenizer, config, metadata, manifest)
+    _log.info("loaded bundle %s (%s: %s, %d parameters, model %s%s)", path, kind.name, cls_name, n_parameters(model), digest[:12],
+              f", tokenizer {tokenizer.hash[:12]}" if tokenizer is not None else "")
+    return Bundle(path, model, tokenizer, config, metadata, manifest, kind.name, digest)
+
+@bundle_loader(1)
+def _load_v1(path: Path, manifest: dict, raw: bytes, device: torch.device) -> Bundle:
+    "Reader of bundle format 1: language models, with their tokenizer (the manifest names no kind)."
+    return _read_bundle(path, manifest, raw, device, BUNDLE_KINDS["lm"])
+
+@bundle_loader(2)
+def _load_v2(path: Path, manifest: dict, raw: bytes, device: torch.device) -> Bundle:
+    "Reader of bundle format 2: the manifest's `kind` says what the folder holds."
+    return _read_bundle(path, manifest, raw, device, _manifest_kind(path/MANIFEST_FILE, manifest))
 
 # %% ../nbs/09_exporters.ipynb #87c65da6
 ONNX_TRACE_SHAPE = (1, 16)  # (batch, time) of the example the exporter traces
 ONNX_CHECK_SHAPE = (2, 40)  # (batch, time) of the batch onnxruntime is checked on (other than the traced one)
 ONNX_ATOL = 1e-4  # largest allowed difference between onnxruntime's and PyTorch's logits
 
-def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor) -> bytes:
+def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor, names=("ids", "logits"), axes=None, **kwargs) -> bytes:
+    "The ONNX file of `model` traced on `example`: one input and one output, named `names`, with dynamic `axes`."
     buf = io.BytesIO()
+    axes = axes or {names[0]: {0: "batch", 1: "time"}, names[1]: {0: "batch", 1: "time"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")   # the exporter's own internals
-        torch.onnx.export(model, (example,), buf, input_names=["ids"], output_names=["logits"], dynamo=False,
-                          dynamic_axes={"ids": {0: "batch", 1: "time"}, "logits": {0: "batch", 1: "time"}})
+        torch.onnx.export(model, (example,), buf, input_names=[names[0]], output_names=[names[1]], dynamo=False,
+                          dynamic_axes=axes, **kwargs)
     return buf.getvalue()
 
 def export_onnx(model: torch.nn.Module,  # a float32 `MusicTransformer` (wrappers are unwrapped)
@@ -552,7 +686,9 @@ def export_onnx(model: torch.nn.Module,  # a float32 `MusicTransformer` (wrapper
                 ) -> Path:
     "Export the uncached forward (ids [batch, time] -> logits) to ONNX atomically, and check it with onnxruntime."
     path, model = Path(path), _unwrap(model)
-    _model_type(model, path)
+    if type(model) is not MusicTransformer:
+        hint = " (use export_codec_onnx for a codec)" if isinstance(model, Codec) else ""
+        raise ExportError(f"{path}: export_onnx exports a MusicTransformer, not a {type(model).__name__}{hint}")
     dtype = next(model.parameters()).dtype
     if dtype != torch.float32: raise ExportError(f"{path}: ONNX export needs a float32 model, got {dtype} (call model.float() first)")
     vocab = model.config.vocab_size
@@ -580,3 +716,198 @@ def export_onnx(model: torch.nn.Module,  # a float32 `MusicTransformer` (wrapper
     with atomic_write(path, "wb") as f: f.write(data)
     _log.info("exported %s to ONNX at %s (onnxruntime matches PyTorch within %.2g)", type(model).__name__, path, diff)
     return path
+
+# %% ../nbs/09_exporters.ipynb #bad9b208
+CODEC_ENCODER_ONNX = "encoder.onnx"  # file name of an exported codec encoder
+CODEC_DECODER_ONNX = "decoder.onnx"  # file name of an exported codec decoder
+CODEC_ONNX_OPSET = 17  # ONNX opset of codec exports
+CODEC_ONNX_TRACE_SECONDS = 1.0  # length of the example the codec is traced on
+CODEC_ONNX_CHECK_SHAPE = (2, 1.5)  # (batch, seconds) of the default check audio
+CODEC_ONNX_MIN_AGREEMENT = 0.95  # least share of frames whose codes onnxruntime and PyTorch must agree on
+CODEC_ONNX_LATENT_RTOL = 1e-3  # two frames' codes are equivalent when their code vectors' sums differ by at most this × the latents' RMS
+
+class _CodecEncoder(torch.nn.Module):
+    "`Codec.encode` as a module's forward, for the exporter."
+    def __init__(self, codec: Codec):
+        super().__init__()
+        self.codec = codec
+    def forward(self, audio: torch.Tensor) -> torch.Tensor: return self.codec.encode(audio)
+
+class _CodecDecoder(torch.nn.Module):
+    "`Codec.decode` as a module's forward, for the exporter."
+    def __init__(self, codec: Codec):
+        super().__init__()
+        self.codec = codec
+    def forward(self, codes: torch.Tensor) -> torch.Tensor: return self.codec.decode(codes)
+
+class CodecOnnx(NamedTuple):
+    "What `export_codec_onnx` wrote and how closely onnxruntime matched PyTorch."
+    encoder: Path  # audio [batch, samples] float32 -> codes [batch, Q, frames] int64
+    decoder: Path  # codes [batch, Q, frames] int64 -> audio [batch, samples] float32
+    code_agreement: float  # share of the check's frames whose Q codes onnxruntime and PyTorch agree on exactly
+    frame_agreement: float  # share whose codes are equal or equivalent (the same vectors: what the decoder sees)
+    max_audio_diff: float  # largest difference between onnxruntime's and PyTorch's decoded audio
+
+def _ort_session(data: bytes) -> onnxruntime.InferenceSession:
+    return onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+def export_codec_onnx(codec: Codec,  # a float32 codec whose codebooks are initialised (wrappers are unwrapped)
+                      folder: str | os.PathLike,  # where `encoder.onnx` and `decoder.onnx` go (created)
+                      *,
+                      audio=None,  # check audio `[batch, samples]` at the codec's rate (default: seeded noise)
+                      atol: float = ONNX_ATOL,  # largest allowed difference of the decoded audio
+                      min_agreement: float = CODEC_ONNX_MIN_AGREEMENT,  # least share of frames with equal codes
+                      seed: int = 0,  # seed of the traced example and of the default check audio
+                      ) -> CodecOnnx:
+    "Export a codec's encoder and decoder as two ONNX files with dynamic batch and length, checked with onnxruntime."
+    folder, codec = Path(folder), _unwrap(codec)
+    if type(codec) is not Codec: raise ExportError(f"{folder}: export_codec_onnx exports a Codec, not a {type(codec).__name__}")
+    dtype = next(codec.parameters()).dtype
+    if dtype != torch.float32: raise ExportError(f"{folder}: ONNX export needs a float32 codec, got {dtype} (call codec.float() first)")
+    why = _codec_problem(codec)
+    if why: raise ExportError(f"{folder}: cannot export this codec: {why}")
+    c, gen = codec.config, torch.Generator().manual_seed(seed)
+    example = 0.1 * torch.randn(1, int(CODEC_ONNX_TRACE_SECONDS * c.sample_rate), generator=gen)
+    if audio is None:
+        n, seconds = CODEC_ONNX_CHECK_SHAPE
+        audio = 0.1 * torch.randn(n, int(seconds * c.sample_rate), generator=gen)
+    audio = torch.as_tensor(np.asarray(audio, dtype=np.float32))
+    device, was_training = next(codec.parameters()).device, codec.training
+    codec.eval()
+    try:
+        enc = onnx.load_from_string(_onnx_bytes(_CodecEncoder(codec), example.to(device), ("audio", "codes"),
+                                                {"audio": {0: "batch", 1: "samples"}, "codes": {0: "batch", 2: "frames"}},
+                                                opset_version=CODEC_ONNX_OPSET))
+        with torch.inference_mode(): example_codes = codec.encode(example.to(device))
+        dec = onnx.load_from_string(_onnx_bytes(_CodecDecoder(codec), example_codes, ("codes", "audio"),
+                                                {"codes": {0: "batch", 2: "frames"}, "audio": {0: "batch", 1: "samples"}},
+                                                opset_version=CODEC_ONNX_OPSET))
+        with torch.inference_mode():
+            codes = codec.encode(audio.to(device))
+            decoded = codec.decode(codes).float().cpu().numpy()
+        codes = codes.cpu().numpy()
+    finally:
+        codec.train(was_training)
+    meta = {"kelly_version": __version__, "kelly.model": "Codec", "kelly.config": _config_json(c), "kelly.model_hash": model_hash(codec),
+            "kelly.sample_rate": str(c.sample_rate), "kelly.hop": str(c.hop), "kelly.n_codebooks": str(c.quantizer.n_codebooks),
+            "kelly.codebook_size": str(c.quantizer.codebook_size)}
+    for proto, part in ((enc, "encoder"), (dec, "decoder")):
+        for k, v in (meta | {"kelly.part": part}).items(): proto.metadata_props.add(key=k, value=v)
+    enc_data, dec_data = enc.SerializeToString(), dec.SerializeToString()
+    got_codes = _ort_session(enc_data).run(["codes"], {"audio": audio.numpy()})[0]
+    if got_codes.shape != codes.shape:
+        raise ExportError(f"{folder/CODEC_ENCODER_ONNX}: onnxruntime gave codes of shape {got_codes.shape}, PyTorch {codes.shape}; nothing written")
+    exact = float((got_codes == codes).all(axis=1).mean())
+    with torch.inference_mode():
+        want, got = (codec.quantizer.decode(torch.from_numpy(x).to(device)).float().cpu() for x in (codes, got_codes))
+    tol = CODEC_ONNX_LATENT_RTOL * float(want.square().mean().sqrt())
+    agreement = float(((got - want).abs().amax(1) <= tol).float().mean())
+    if not agreement >= min_agreement:
+        raise ExportError(f"{folder/CODEC_ENCODER_ONNX}: onnxruntime's codes equal PyTorch's (or stand for the same vectors) in "
+                          f"{agreement:.1%} of frames (at least {min_agreement:.0%} needed); nothing written")
+    got_audio = _ort_session(dec_data).run(["audio"], {"codes": codes})[0]
+    diff = float(np.abs(got_audio - decoded).max()) if got_audio.shape == decoded.shape else math.inf
+    if not diff <= atol:
+        raise ExportError(f"{folder/CODEC_DECODER_ONNX}: onnxruntime's audio differs from PyTorch's by {diff:.3g} (allowed {atol:g}); nothing written")
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_write(folder/CODEC_ENCODER_ONNX, "wb") as f: f.write(enc_data)
+    with atomic_write(folder/CODEC_DECODER_ONNX, "wb") as f: f.write(dec_data)
+    _log.info("exported the codec to %s and %s (codes equal on %.1f%% of frames, equivalent on %.1f%%, audio within %.2g)",
+              folder/CODEC_ENCODER_ONNX, folder/CODEC_DECODER_ONNX, 100 * exact, 100 * agreement, diff)
+    return CodecOnnx(folder/CODEC_ENCODER_ONNX, folder/CODEC_DECODER_ONNX, exact, agreement, diff)
+
+# %% ../nbs/09_exporters.ipynb #2f9f022e
+CODES_KEYS = ("codes", "sample_rate", "length", "model_hash", "source", "source_sample_rate", "source_length")  # what a codes file holds
+
+@dataclass
+class AudioCodes:
+    "An audio file's codes, as `kelly audio encode` writes them: enough to decode it with the codec that made them, and only with that one."
+    codes: np.ndarray  # `[Q', frames]` integer codes (int16 when the codebook size allows, else int32)
+    sample_rate: int  # the codec's sample rate
+    length: int  # samples the codes stand for, at `sample_rate`
+    model_hash: str  # `model_hash` of the codec that made them
+    source: str  # file name of the encoded audio
+    source_sample_rate: int  # the encoded file's own sample rate
+    source_length: int  # the encoded file's samples at its own rate
+    path: Path | None = None  # where they were saved or loaded from (not stored)
+
+    @property
+    def n_codebooks(self) -> int:
+        "Codebooks kept (Q')."
+        return int(self.codes.shape[0])
+
+    def save(self, path: str | os.PathLike,  # the .npz file to create or replace
+             ) -> Path:
+        "Write the codes as an `.npz` file, atomically."
+        path = Path(path)
+        with atomic_write(path, "wb") as f:
+            np.savez(f, codes=self.codes, sample_rate=np.int64(self.sample_rate), length=np.int64(self.length),
+                     model_hash=np.str_(self.model_hash), source=np.str_(self.source),
+                     source_sample_rate=np.int64(self.source_sample_rate), source_length=np.int64(self.source_length))
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike,  # an .npz file written by `AudioCodes.save`
+             ) -> "AudioCodes":
+        "Read a codes file (no pickles); anything else raises `ExportError` naming the file."
+        path = Path(path)
+        if not path.is_file(): raise ExportError(f"{path}: no such codes file")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in CODES_KEYS if k not in z.files]
+                if missing: raise ExportError(f"{path}: not a kelly codes file (lacks {', '.join(missing)})")
+                v = {k: z[k] for k in CODES_KEYS}
+        except ExportError: raise
+        except Exception as e:  # not a zip, damaged members, object arrays (refused without pickle)
+            raise ExportError(f"{path}: not a readable codes file ({type(e).__name__}: {e})") from e
+        codes = v["codes"]
+        if codes.ndim != 2 or codes.dtype.kind not in "iu" or not codes.size:
+            raise ExportError(f"{path}: codes must be a non-empty integer array [codebooks, frames], got {codes.dtype} {codes.shape}")
+        try:
+            return cls(codes, int(v["sample_rate"]), int(v["length"]), str(v["model_hash"]), str(v["source"]),
+                       int(v["source_sample_rate"]), int(v["source_length"]), path)
+        except (TypeError, ValueError) as e:
+            raise ExportError(f"{path}: a malformed field ({e})") from e
+
+def _codec_of(bundle: Bundle):
+    if bundle.kind != "codec": raise BundleError(f"{bundle.path}: holds a {bundle.kind} model, not a codec")
+    return bundle.model
+
+def encode_audio(bundle: Bundle,  # a loaded codec bundle (`load_bundle(..., kind="codec")`)
+                 path: str | os.PathLike,  # an audio file (any rate: it is resampled to the codec's)
+                 *,
+                 n_codebooks: int | None = None,  # keep only the first codebooks (default: all)
+                 ) -> AudioCodes:
+    "Load an audio file at the codec's rate and encode it in one pass; bad audio raises `AudioError`."
+    codec, path = _codec_of(bundle), Path(path)
+    sr = codec.config.sample_rate
+    y, file_sr = load_audio(path)
+    x = resample(y, file_sr, sr)
+    with torch.inference_mode():
+        codes = codec.encode(torch.from_numpy(x)[None].to(next(codec.parameters()).device), n_codebooks)[0].cpu().numpy()
+    dtype = np.int16 if codec.config.quantizer.codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
+    return AudioCodes(codes.astype(dtype), sr, len(x), bundle.model_hash, path.name, file_sr, len(y))
+
+def decode_audio(bundle: Bundle,  # the codec bundle that made the codes
+                 codes: AudioCodes,  # codes from `encode_audio` or `AudioCodes.load`
+                 *,
+                 sample_rate: int | None = None,  # rate of the audio returned (default: the source file's)
+                 ) -> tuple[np.ndarray, int]:
+    "Audio `[T]` and its rate from codes; codes from another codec are refused with `ExportError`."
+    codec = _codec_of(bundle)
+    where = codes.path or "codes"
+    if codes.model_hash != bundle.model_hash:
+        raise ExportError(f"{where}: made by the codec with model hash {codes.model_hash[:12]}, not by {bundle.path} "
+                          f"({bundle.model_hash[:12]}); decode them with the codec bundle that encoded them")
+    sr = codec.config.sample_rate
+    if codes.sample_rate != sr: raise ExportError(f"{where}: codes at {codes.sample_rate} Hz, but the codec runs at {sr} Hz")
+    with torch.inference_mode():
+        t = torch.from_numpy(codes.codes.astype(np.int64))[None].to(next(codec.parameters()).device)
+        y = codec.decode(t, codes.length)[0].float().cpu().numpy()
+    target = codes.source_sample_rate if sample_rate is None else int(sample_rate)
+    if target == sr: return y, sr
+    y = resample(y, sr, target)
+    if target == codes.source_sample_rate:  # the source's exact length (resampling rounds up)
+        y = y[:codes.source_length] if len(y) >= codes.source_length else np.pad(y, (0, codes.source_length - len(y)))
+    return y, target

@@ -127,3 +127,72 @@ def test_evaluate_names_what_it_cannot_read(tmp_path):
     assert r.returncode == 1 and "broken.mid" in r.stderr and "Traceback" not in r.stderr
     r = kelly("evaluate", "--generated", tmp_path/"ref", home=tmp_path/"home")
     assert r.returncode == 1 and "--reference" in r.stderr
+
+
+def _codec_run(runs, name, seed):
+    "A run folder holding a small codec bundle, trained one step so its codebooks exist (real training is `kelly audio train`)."
+    import numpy as np, torch
+    from kelly.audio import load_audio
+    from kelly.codec import Codec, CodecConfig
+    from kelly.exporters import save_bundle
+    from kelly.quantizer import QuantizerConfig
+    y, _ = load_audio(TEST_AUDIO, sr=16000)
+    torch.manual_seed(seed)
+    codec = Codec(CodecConfig(width=32, n_layers=1, quantizer=QuantizerConfig(n_codebooks=4, codebook_size=64)))
+    codec(torch.from_numpy(np.stack([y[16000 * i:16000 * (i + 1)] for i in range(4)])))
+    save_bundle(runs/name/"bundle", codec.eval(), metadata={"corpus": "music21 test_audio.wav", "steps": 1})
+    return runs/name
+
+
+TEST_AUDIO = Path(music21.__file__).parent/"audioSearch"/"test_audio.wav"
+
+
+def test_audio_encode_decode_info(tmp_path):
+    import json
+    import numpy as np
+    import soundfile as sf
+    from kelly.audio import load_audio
+    home = tmp_path/"home"
+    run = _codec_run(home/"runs", "codec-a", seed=0)
+    src = tmp_path/"song.wav"; shutil.copy(TEST_AUDIO, src)
+    r = kelly("audio", "encode", src, "--model", run, "--out", tmp_path/"song.npz", home=home)
+    assert r.returncode == 0, r.stderr
+    z = np.load(tmp_path/"song.npz")
+    assert z["codes"].shape == (4, 1000) and z["codes"].dtype == np.int16 and int(z["sample_rate"]) == 16000
+    assert str(z["source"]) == "song.wav" and len(str(z["model_hash"])) == 64 and int(z["length"]) == len(load_audio(TEST_AUDIO, sr=16000)[0])
+    r = kelly("audio", "decode", tmp_path/"song.npz", "--model", run/"bundle", "--out", tmp_path/"back.wav", home=home)
+    assert r.returncode == 0, r.stderr
+    a, b = sf.info(str(src)), sf.info(str(tmp_path/"back.wav"))
+    assert (b.samplerate, b.frames) == (a.samplerate, a.frames) and a.samplerate == 44100     # the input's rate and length
+    # without --model: encode takes the newest codec bundle, decode the one its codes name
+    r = kelly("audio", "encode", src, "--codebooks", "2", home=home)
+    assert r.returncode == 0 and str(run/"bundle") in r.stdout and np.load(tmp_path/"song.codes.npz")["codes"].shape == (2, 1000)
+    other = _codec_run(home/"runs", "codec-b", seed=1)        # now the newest codec, but not the one the codes name
+    r = kelly("audio", "decode", tmp_path/"song.codes.npz", home=home)
+    assert r.returncode == 0 and str(run/"bundle") in r.stdout and sf.info(str(tmp_path/"song.codes.wav")).frames == a.frames
+    # codes from another codec are refused, in one line
+    r = kelly("audio", "decode", tmp_path/"song.npz", "--model", other, "--out", tmp_path/"x.wav", home=home)
+    assert r.returncode == 1 and "made by the codec with model hash" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path/"x.wav").exists()
+    # kelly info shows the codec
+    r = kelly("info", run/"bundle", home=home)
+    info = json.loads(r.stdout)
+    assert info["kind"] == "codec" and info["codec"]["sample_rate"] == 16000 and info["codec"]["frame_rate"] == 50.0
+    assert info["codec"]["n_codebooks"] == 4 and info["codec"]["bitrate"] == 1200.0
+    assert info["training_data"] == {"corpus": "music21 test_audio.wav"}
+
+
+def test_audio_encode_refuses_what_it_cannot_use(tmp_path):
+    home = tmp_path/"home"
+    run = _codec_run(home/"runs", "codec", seed=0)
+    (tmp_path/"notes.wav").write_text("not audio at all")
+    r = kelly("audio", "encode", tmp_path/"notes.wav", "--model", run, home=home)
+    assert r.returncode == 1 and "kelly audio: error:" in r.stderr and "notes.wav" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path/"notes.codes.npz").exists()
+    (tmp_path/"junk.npz").write_bytes(b"not a zip")
+    r = kelly("audio", "decode", tmp_path/"junk.npz", "--model", run, home=home)
+    assert r.returncode == 1 and "junk.npz" in r.stderr and "Traceback" not in r.stderr
+    r = kelly("audio", "encode", TEST_AUDIO, "--model", tmp_path, home=home)
+    assert r.returncode == 1 and "neither a model bundle nor a run folder" in r.stderr
+    r = kelly("audio", "encode", TEST_AUDIO, home=tmp_path/"empty-home")
+    assert r.returncode == 1 and "no codec bundle" in r.stderr and "kelly audio train" in r.stderr

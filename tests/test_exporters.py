@@ -397,3 +397,55 @@ def test_consistent_edits_of_config_refused(trained, tmp_path):
     c = shutil.copytree(path, tmp_path/"key")
     _rewrite(c, "config.json", {**cfg, "n_layer": 2})
     with pytest.raises(BundleError, match="config.json.*n_layers"): load_bundle(c)
+
+
+# ---------------------------------------------------------------- kinds and formats
+
+FIXTURES = ROOT/"tests"/"fixtures"
+
+
+def test_format_1_bundle_from_an_earlier_kelly_loads(tmp_path):
+    "tests/fixtures/lm-bundle-v1 was written by kelly's save_bundle before format 2 (commit 2c3bf3e): it still loads, as an lm."
+    from kelly.exporters import bundle_kind, model_hash
+    src = FIXTURES/"lm-bundle-v1"
+    assert json.loads((src/MANIFEST_FILE).read_text())["format_version"] == 1
+    b = load_bundle(src, tokenizer=Tokenizer(), kind="lm")
+    assert (b.kind, b.manifest["format_version"], bundle_kind(src)) == ("lm", 1, "lm")
+    assert b.model_hash == model_hash(b.model) and len(b.model_hash) == 64
+    info = bundle_info(src)
+    assert info["kind"] == "lm" and info["training_data"] == {"corpus": "bach_chorales"} and set(info["files"]) == set(BUNDLE_FILES)
+    ids = torch.arange(1, 30)[None]
+    with torch.inference_mode(): logits = b.model(ids)
+    # saved again, it is a format-2 bundle of the same model
+    b2 = load_bundle(save_bundle(tmp_path/"again", b.model, tokenizer=b.tokenizer, metadata=b.metadata))
+    assert b2.manifest["format_version"] == 2 and b2.manifest["kind"] == "lm" and b2.model_hash == b.model_hash
+    with torch.inference_mode(): assert torch.equal(b2.model(ids), logits)
+    with pytest.raises(BundleError, match="holds a lm model"): load_bundle(src, kind="codec")
+
+
+@pytest.mark.parametrize("arch", ["frame", "wave"])
+def test_codec_bundle_round_trip_and_refusals(arch, tmp_path):
+    "Both codec architectures: bundle, load through the same load_bundle, identical codes; a raised version and a flipped byte refused."
+    from kelly.codec import Codec, CodecConfig
+    from kelly.quantizer import QuantizerConfig
+    from kelly.exporters import _manifest_text, model_hash
+    torch.manual_seed(0)
+    codec = Codec(CodecConfig(arch=arch, channels=8, width=32, n_layers=1, quantizer=QuantizerConfig(n_codebooks=3, codebook_size=32)))
+    x = 0.1 * torch.randn(4, 8000)
+    codec(x); codec.eval()
+    path = save_bundle(tmp_path/"runs"/"c"/"bundle", codec, metadata={"corpus": "noise", "steps": 1})
+    b = load_bundle(path)
+    assert b.kind == "codec" and b.tokenizer is None and b.model_hash == model_hash(codec)
+    assert torch.equal(b.model.encode(x), codec.encode(x))
+    assert torch.equal(b.model.decode(codec.encode(x), 8000), codec.decode(codec.encode(x), 8000))
+    info = bundle_info(path)
+    assert info["codec"]["arch"] == arch and info["codec"]["n_codebooks"] == 3 and info["codec"]["bitrate"] == 50 * 3 * 5
+    assert info["training_data"] == {"corpus": "noise"} and "tokenizer" not in info
+    c = shutil.copytree(path, tmp_path/"newer")
+    m = json.loads((c/MANIFEST_FILE).read_text()); m["format_version"] += 1
+    (c/MANIFEST_FILE).write_text(_manifest_text(m))
+    with pytest.raises(BundleError, match=f"{c/MANIFEST_FILE}: bundle format version {m['format_version']} is newer"): load_bundle(c)
+    for name in ("weights.safetensors", "config.json", "metadata.json", MANIFEST_FILE):
+        c = shutil.rmtree(tmp_path/"flip", ignore_errors=True) or shutil.copytree(path, tmp_path/"flip")
+        data = bytearray((c/name).read_bytes()); data[len(data) // 3] ^= 0x01; (c/name).write_bytes(bytes(data))
+        with pytest.raises(BundleError, match=str(c/name)): load_bundle(c)
