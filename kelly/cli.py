@@ -7,7 +7,7 @@ __all__ = ['FLAG_DEST_PREFIX', 'SUBCOMMANDS', 'SEED_RANGE', 'MIN_PIECE_TOKENS', 
            'DERIVED_TRAIN_KEYS', 'config_fields', 'add_config_flags', 'config_from_args', 'subcommand', 'build_parser',
            'main', 'cmd_tokenize', 'newest_bundle', 'bundle_folder', 'cmd_generate', 'cmd_info',
            'train_config_from_args', 'cmd_train', 'cmd_evaluate', 'cmd_audio_render', 'cmd_audio_pitch',
-           'cmd_audio_check', 'cmd_audio_encode', 'cmd_audio_decode']
+           'cmd_audio_check', 'cmd_audio_encode', 'cmd_audio_decode', 'cmd_audio_train']
 
 # %% ../nbs/14_cli.ipynb #8fa2c8a0
 import argparse
@@ -32,6 +32,9 @@ from .evaluation import (CORPUS_PLOT, CORPUS_REPORT, QUALITY_PLOT, QUALITY_REPOR
                               format_folder_report, format_summary)
 from .distributed import is_main_process
 from .trainers import BUNDLE_DIR, CONFIG_FILE, TrainConfig, run_folder, train
+from .codec_trainer import RECONSTRUCTIONS_DIR, CodecTrainConfig, train_codec
+from .codec_evaluation import format_quality
+from .quantizer import health_key
 from .audio import (PITCH_FMAX, PITCH_FMIN, RENDER_SR, SYNTHS, check_audio_folder, load_audio, plot_pitch,
                          render_midi, save_audio, track_pitch, write_pitch_csv)
 
@@ -400,6 +403,27 @@ def cmd_audio_decode(args,  # parsed arguments of `kelly audio decode`
     print(dest, file=out)
     return 0
 
+def cmd_audio_train(args,  # parsed arguments of `kelly audio train`
+                    out=None,  # where to print (default stdout)
+                    ) -> int:
+    "Train a codec (default: the CPU frame codec on the rendered Bach chorales), then print its run, bundle and quality by codebooks; returns the exit status."
+    out = out or sys.stdout
+    config = config_from_args(args, CodecTrainConfig)
+    if args.resume is not None and args.config is None:
+        saved = run_folder(config, args.resume)/CONFIG_FILE
+        if saved.is_file(): config = config_from_args(args, CodecTrainConfig, base=CodecTrainConfig.load(saved))
+    result = train_codec(config, distributed=args.distributed, resume=args.resume if args.resume is not None else False, progress=not args.quiet)
+    if not is_main_process(): return 0
+    m = result.metrics
+    print(f"run: {result.run_dir}", file=out)
+    print(f"bundle: {result.bundle}", file=out)
+    print(f"reconstructions: {result.run_dir/RECONSTRUCTIONS_DIR}", file=out)
+    print(f"trained {m['steps']} steps in {m.get('seconds', 0):.0f} s; codebook perplexity " +
+          ", ".join(f"{m['codebook_health'][health_key(k, 'perplexity')]:.0f}" for k in range(config.model.quantizer.n_codebooks)), file=out)
+    print("held-out quality by number of codebooks:", file=out)
+    print(format_quality(m["quality"]), file=out)
+    return 0
+
 @subcommand
 def _add_audio(sub):
     p = sub.add_parser("audio", help="audio: render MIDI, track pitch, check a folder, encode and decode with a codec",
@@ -439,6 +463,13 @@ def _add_audio(sub):
     d.add_argument("--out", type=Path, default=None, metavar="FILE.wav", help="the audio file to write (.wav or .flac) [CODES.wav]")
     d.add_argument("--sample_rate", type=int, default=None, metavar="HZ", help="rate of the written audio [the source file's]")
     d.set_defaults(func=cmd_audio_decode)
+    t = audio.add_parser("train", help="train a codec (default: the CPU frame codec on the rendered Bach chorales)", description=cmd_audio_train.__doc__)
+    t.add_argument("--distributed", action="store_true", help="one process of a torchrun job (gloo on CPU, nccl on CUDA)")
+    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue the named (--name) or latest run from its newest valid checkpoint, or from CHECKPOINT")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(t, CodecTrainConfig, title="codec training settings", skip=("model.quantizer.dim",))
+    t.set_defaults(func=cmd_audio_train)
 
 # %% ../nbs/14_cli.ipynb #a3e5feda
 #| eval: false
