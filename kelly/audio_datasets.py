@@ -601,10 +601,12 @@ class SlidingCrops(AudioWindows):
         if state["stride"] != self.stride: raise DatasetError(f"saved data state has stride {state['stride']}, this dataset {self.stride}")
 
 # %% ../nbs/04a_audio_datasets.ipynb #206cf310
-def _shard(ds: AudioWindows, rank: int, world_size: int) -> np.ndarray:
-    "Crop indices of one rank, interleaved, equal counts on every rank: training drops the remainder, validation wraps around."
+def _shard(ds: AudioWindows, rank: int, world_size: int, bs: int) -> np.ndarray:
+    "Crop indices of one rank, equal counts on every rank: training takes block `rank` of each global batch (remainder dropped), validation interleaves and wraps around."
     n = len(ds)
-    if isinstance(ds, RandomCrops): return np.arange(rank, n - n % world_size, world_size, dtype=np.int64)
+    if isinstance(ds, RandomCrops):
+        per_step = world_size * bs
+        return np.arange(n - n % per_step, dtype=np.int64).reshape(-1, world_size, bs)[:, rank].reshape(-1)
     padded = -(-n // world_size) * world_size
     return np.arange(rank, padded, world_size, dtype=np.int64) % n
 
@@ -626,12 +628,12 @@ class AudioLoader(WindowLoader):
         for k in ("n", "indexed", "batch_size"): kwargs.pop(k, None)
         if drop_last is None: drop_last = isinstance(dataset, RandomCrops)
         # WindowLoader.__init__ accepts token windows only; everything after construction is WindowLoader's
-        DataLoader.__init__(self, dataset, bs=bs, shuffle=False, drop_last=drop_last, n=len(_shard(dataset, rank, world_size)), indexed=True, **kwargs)
+        DataLoader.__init__(self, dataset, bs=bs, shuffle=False, drop_last=drop_last, n=len(_shard(dataset, rank, world_size, bs)), indexed=True, **kwargs)
         self.rank, self.world_size, self.epoch, self.position = int(rank), int(world_size), int(epoch), int(position)
 
     def get_idxs(self) -> list[int]:
         "This rank's crop indices for the rest of the current epoch."
-        return _shard(self.dataset, self.rank, self.world_size)[self.position * self.bs:].tolist()
+        return _shard(self.dataset, self.rank, self.world_size, self.bs)[self.position * self.bs:].tolist()
 
 # %% ../nbs/04a_audio_datasets.ipynb #6bb4371c
 @dataclasses.dataclass
