@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['SamplerError', 'SamplingConfig', 'top_k_top_p', 'filter_logits_reference', 'draw', 'apply_repetition_penalty',
-           'repetition_penalty_reference', 'TokenSampler', 'grammar_forbidden', 'PositionRule', 'midi_prompt', 'stream',
-           'Generation', 'generate']
+           'repetition_penalty_reference', 'TokenSampler', 'grammar_forbidden', 'PositionRule', 'midi_prompt',
+           'attention_window', 'stream', 'Generation', 'generate']
 
 # %% ../nbs/08_samplers.ipynb #66b7ff01
 import dataclasses
@@ -39,6 +39,8 @@ class SamplingConfig(Config):
     stop_at_eos: bool = True          # a sequence ends at the tokenizer's eos token; later positions hold its pad token
     use_cache: bool = True            # KV-cached decoding; False recomputes the whole sequence at each step (slow reference)
     seed: int | None = None           # seed of the sampling generator (None: torch's global generator)
+    window: int | None = None         # attention window past which the KV cache slides (None: the model's max_len; 0: attend to every position)
+    bars: int = 0                     # end each piece after this many bars (prompt included), eos held until then (0: no limit)
     version: int = 1                  # format version of this config
 
     def validate(self):
@@ -49,6 +51,8 @@ class SamplingConfig(Config):
         if self.min_new_tokens < 0: raise ConfigError(f"config key 'min_new_tokens': must be >= 0, got {self.min_new_tokens}")
         if not 0.0 < self.top_p <= 1.0: raise ConfigError(f"config key 'top_p': must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0: raise ConfigError(f"config key 'repetition_penalty': must be > 0 (1 is off), got {self.repetition_penalty}")
+        if self.window is not None and self.window < 0: raise ConfigError(f"config key 'window': must be >= 0 (0: no window) or null (the model's max_len), got {self.window}")
+        if self.bars < 0: raise ConfigError(f"config key 'bars': must be >= 0 (0: no limit), got {self.bars}")
 
 # %% ../nbs/08_samplers.ipynb #22b8d7e0
 def top_k_top_p(logits: torch.Tensor,  # [B, V] scores (already divided by the temperature)
@@ -117,17 +121,22 @@ class TokenSampler:
                  generator: torch.Generator | None = None,  # seeded generator (None: global)
                  device=None,
                  positions=None,  # a `PositionRule`: the grammar's value rule for positions (constrained decoding)
-                 eos_id: int | None = None):  # held back for `config.min_new_tokens` steps
+                 eos_id: int | None = None,  # held back for `config.min_new_tokens` steps and until `config.bars` bars
+                 bar_id: int | None = None):  # the tokenizer's Bar token, counted for `config.bars`
+        if config.bars and (eos_id is None or bar_id is None): raise SamplerError("bars: counting bars needs the tokenizer's bar and eos ids")
         self.config, self.forbidden, self.generator, self.positions = config, forbidden, generator, positions
         self.penalise = config.repetition_penalty != 1.0
         self.seen = torch.zeros(batch_size, vocab_size, dtype=torch.bool, device=device) if self.penalise else None
         self.eos = torch.tensor([eos_id], device=device) if eos_id is not None else None
+        self.eos_id, self.bar_id = eos_id, bar_id
+        self.bar_count = torch.zeros(batch_size, dtype=torch.long, device=device)   # Bar tokens so far (with `config.bars`)
         self.step = 0
 
     def observe(self, ids: torch.Tensor):  # [B, T] tokens now part of the sequences (the prompt)
-        "Record tokens for the repetition penalty and the position rule."
+        "Record tokens for the repetition penalty, the position rule and the bar count."
         if self.penalise: self.seen.scatter_(1, ids, True)
         if self.positions is not None: self.positions.start(ids)
+        if self.config.bars: self.bar_count += (ids == self.bar_id).sum(1)
 
     def __call__(self, logits: torch.Tensor,  # [B, V] next-token scores
                  previous: torch.Tensor,  # [B] the last token of each sequence
@@ -138,6 +147,9 @@ class TokenSampler:
         if self.forbidden is not None: logits = logits.masked_fill(self.forbidden[previous], float("-inf"))
         if self.positions is not None: logits = logits.masked_fill(self.positions.forbidden(logits.device), float("-inf"))
         if self.eos is not None and self.step < c.min_new_tokens: logits = logits.index_fill(-1, self.eos, float("-inf"))
+        elif c.bars:
+            logits = logits.clone()
+            logits[self.bar_count < c.bars, self.eos_id] = float("-inf")
         if c.temperature == 0: tokens = logits.argmax(-1)
         else:
             if c.temperature != 1.0: logits = logits / c.temperature
@@ -145,6 +157,10 @@ class TokenSampler:
                 probs, ids = top_k_top_p(logits, c.top_k, c.top_p)
                 tokens = ids.gather(-1, draw(probs, self.generator)[:, None])[:, 0]
             else: tokens = draw(logits.softmax(-1), self.generator)
+        if c.bars:
+            is_bar = tokens == self.bar_id
+            tokens = tokens.masked_fill(is_bar & (self.bar_count >= c.bars), self.eos_id)   # bar N is finished: end here
+            self.bar_count += is_bar & (self.bar_count < c.bars)
         if self.penalise: self.seen.scatter_(1, tokens[:, None], True)
         if self.positions is not None: self.positions.update(tokens)
         self.step += 1
@@ -249,6 +265,15 @@ def _sampling_config(config: SamplingConfig | None, overrides: dict) -> Sampling
     return SamplingConfig.from_dict({**config.to_dict(), **overrides})
 
 
+def attention_window(model: MusicTransformer,  # its `config.max_len` is the default window
+                     config: SamplingConfig,  # `window`, `max_new_tokens`
+                     prompt_length: int = 1,  # tokens of prompt
+                     ) -> int | None:
+    "The sliding window decoding will use: None when every position fits in it (or `window=0`), else its length."
+    w = model.config.max_len if config.window is None else config.window
+    return w if w and prompt_length + config.max_new_tokens > w else None
+
+
 def stream(model: MusicTransformer,  # the language model
            tokenizer: Tokenizer | None = None,  # bos/eos/pad ids and grammar (None: raw ids, no constraints, no eos)
            *,
@@ -270,8 +295,11 @@ def stream(model: MusicTransformer,  # the language model
     if c.stop_at_eos and tokenizer is not None: eos, pad = tokenizer.eos_id, tokenizer.pad_id
     generator = torch.Generator(device=device).manual_seed(c.seed) if c.seed is not None else None
     positions = PositionRule(tokenizer.grammar) if forbidden is not None else None
-    eos_id = tokenizer.eos_id if (c.min_new_tokens and tokenizer is not None) else None
-    sampler = TokenSampler(c, B, vocab_size=model.config.vocab_size, forbidden=forbidden, generator=generator, device=device, positions=positions, eos_id=eos_id)
+    if c.bars and (tokenizer is None or not c.stop_at_eos): raise SamplerError("bars: a piece of N bars needs a tokenizer (its Bar and eos tokens) and stop_at_eos")
+    eos_id = tokenizer.eos_id if ((c.min_new_tokens or c.bars) and tokenizer is not None) else None
+    bar_id = tokenizer.bar_id if c.bars else None
+    sampler = TokenSampler(c, B, vocab_size=model.config.vocab_size, forbidden=forbidden, generator=generator, device=device,
+                           positions=positions, eos_id=eos_id, bar_id=bar_id)
     return _decode(model, ids, c, sampler, eos, pad)     # everything above is checked now; decoding starts on iteration
 
 def _decode(model, ids, c, sampler, eos, pad) -> Iterator[torch.Tensor]:
@@ -283,14 +311,15 @@ def _decode(model, ids, c, sampler, eos, pad) -> Iterator[torch.Tensor]:
     try:
         with torch.inference_mode():
             sampler.observe(ids)
+            total, window = T0 + c.max_new_tokens, attention_window(model, c, T0)
             if c.use_cache:
                 decoder = IncrementalDecoder(model, batch_size=B)
-                cache = model.new_cache(B, T0 + c.max_new_tokens)
+                cache = model.new_cache(B, window or total, sliding=bool(window))
                 logits = decoder.prefill(ids, cache)
             else:
-                seq = torch.empty(B, T0 + c.max_new_tokens, dtype=torch.long, device=device)
+                seq = torch.empty(B, total, dtype=torch.long, device=device)
                 seq[:, :T0] = ids
-                logits = model(ids)[:, -1]
+                logits = model(ids, window=window)[:, -1]
             previous = ids[:, -1]
             finished = torch.zeros(B, dtype=torch.bool, device=device)
             for t in range(c.max_new_tokens):
@@ -304,7 +333,7 @@ def _decode(model, ids, c, sampler, eos, pad) -> Iterator[torch.Tensor]:
                 if c.use_cache: logits = decoder.step(tokens, cache)
                 else:
                     seq[:, T0 + t] = tokens
-                    logits = model(seq[:, :T0 + t + 1])[:, -1]
+                    logits = model(seq[:, :T0 + t + 1], window=window)[:, -1]
                 previous = tokens
     finally:
         model.train(was_training)

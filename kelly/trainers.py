@@ -6,7 +6,8 @@
 __all__ = ['METRIC_SUMS', 'RUNS_DIR', 'MONITORABLE', 'RUN_NAME_FORMAT', 'CHECKPOINT_DIR', 'CONFIG_FILE', 'TOKENIZER_FILE',
            'HISTORY_FILE', 'METRICS_FILE', 'LOG_FILE', 'BUNDLE_DIR', 'TrainerError', 'OptimConfig',
            'AccumulateGradients', 'ProgressThroughput', 'DistributedMetrics', 'HistoryCSV', 'lm_learner', 'fit_lm',
-           'TrainConfig', 'runs_folder', 'latest_run', 'run_folder', 'TrainResult', 'run_metrics', 'train']
+           'TrainConfig', 'runs_folder', 'latest_run', 'run_folder', 'TrainResult', 'run_metrics', 'train',
+           'bundled_weights']
 
 # %% ../nbs/12_trainers.ipynb #e3144efd
 import csv
@@ -31,6 +32,7 @@ from fastai.callback.training import GradientAccumulation, GradientClip
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner, Recorder
 from fastai.optimizer import Adam
+from fastai.torch_core import get_model
 from fastcore.basics import noop
 from torch import nn
 
@@ -327,7 +329,10 @@ def run_metrics(learn: Learner,  # after a fit
     ck = getattr(learn, "checkpoint", None)
     if ck is not None:
         out["best_checkpoint"] = str(ck.best_path) if ck.best_path else None
+        out["best"] = {"monitor": ck.monitor, **{k: ck.best.get(k) for k in ("value", "step", "epoch")}} if ck.best_path else None
         out["resumed_from"] = str(ck.resumed_from) if ck.resumed_from else None
+    es = getattr(learn, "early_stopping", None)
+    if es is not None: out["stopped_early_at_epoch"] = es.stopped_at
     rb = getattr(learn, "rollback", None)
     if rb is not None: out["rollbacks"] = list(rb.events)
     sm = getattr(learn, "sample_monitor", None)
@@ -383,12 +388,27 @@ def _train(config, rank, world_size, device, resume, sample_fn, on_sample, cbs, 
         metrics["world_size"] = world_size
         bundle = None
         if main:
+            model, metrics["bundled"] = bundled_weights(learn)
             write_json(run_dir/METRICS_FILE, metrics)
-            bundle = save_bundle(run_dir/BUNDLE_DIR, learn.model, tokenizer=tok, metadata=_bundle_metadata(config, run_dir, metrics), overwrite=True)
+            bundle = save_bundle(run_dir/BUNDLE_DIR, model, tokenizer=tok, metadata=_bundle_metadata(config, run_dir, metrics), overwrite=True)
         _log.info("finished: %s", ", ".join(f"{k} {metrics[k]:.4g}" for k in ("valid_loss", "perplexity", "token_accuracy") if metrics.get(k) is not None))
     finally:
         if handler is not None: logging.getLogger("kelly").removeHandler(handler); handler.close()
     return TrainResult(learn, run_dir, metrics, bundle)
+
+def bundled_weights(learn: Learner,  # after a fit, with kelly's `Checkpoint` (or without: the last weights)
+                    ) -> tuple[nn.Module, dict]:
+    "The model a run's bundle holds: the best checkpoint's weights by the monitor (else the last), and a record of which."
+    last = get_model(learn.model)
+    ck = getattr(learn, "checkpoint", None)
+    if ck is None or ck.best_path is None:
+        why = "no Checkpoint callback" if ck is None else ("no monitor" if ck.monitor is None else "no epoch was judged")
+        return last, {"weights": "last", "step": int(learn.train_iter), "reason": why}
+    try: state = load_checkpoint(ck.best_path)
+    except KellyError as e: raise TrainerError(f"the best checkpoint {ck.best_path} cannot be bundled: {e}; the run's other checkpoints are in {ck.directory}") from e
+    model = MusicTransformer(last.config).to(next(last.parameters()).device)
+    model.load_state_dict(state["model"])
+    return model.eval(), {"weights": "best", "monitor": ck.monitor, "checkpoint": ck.best_path.name, **{k: ck.best.get(k) for k in ("value", "step", "epoch")}}
 
 def _bundle_metadata(config: TrainConfig, run_dir: Path, metrics: dict) -> dict:
     "What a run's bundle records about its training."

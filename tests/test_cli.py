@@ -75,6 +75,31 @@ def test_train_then_generate_on_the_default_corpus(tmp_path, kelly_home):
     assert r.returncode == 0 and '"run": "cli-e2e"' in r.stdout
 
 
+LONG_TRAIN = ["--corpus_limit", "8", "--model.n_layers", "2", "--model.width", "64", "--model.n_heads", "4", "--data.seq_len", "64",
+              "--data.bs", "8", "--data.windows_per_epoch", "128", "--optim.epochs", "3", "--optim.lr", "3e-3", "--quiet", "--samples", "0"]
+LONG_BARS = 64  # 64 bars of a model trained on 64-token windows: about 7,000 tokens, 100x the window
+
+
+def test_generate_bars_writes_a_long_piece_that_opens_everywhere(tmp_path, kelly_home):
+    """A tiny model trained for a minute on 64-token windows writes a 64-bar piece through the sliding KV cache;
+    the file opens in miditoolkit, mido and pretty_midi and spans at least 64 bars."""
+    import mido
+    import pretty_midi
+    r = kelly("train", "--name", "cli-long", *LONG_TRAIN, home=kelly_home)
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = kelly("generate", "--model", kelly_home/"runs"/"cli-long", "-n", "1", "--bars", LONG_BARS, "--seed", "0", "--out", tmp_path/"long",
+              "--no_piano_roll", home=kelly_home)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert f"bars: {LONG_BARS} (asked for {LONG_BARS})" in r.stdout and "ran out" not in r.stdout, r.stdout
+    path = tmp_path/"long"/"piece-000.mid"
+    tk = miditoolkit.MidiFile(str(path))
+    assert sum(len(i.notes) for i in tk.instruments) > LONG_BARS
+    assert mido.MidiFile(str(path)).length > 0
+    pm = pretty_midi.PrettyMIDI(str(path))
+    downbeats = pm.get_downbeats()
+    assert len(downbeats) >= LONG_BARS and pm.get_end_time() > downbeats[LONG_BARS - 1], (len(downbeats), pm.get_end_time())
+
+
 def test_train_distributed_under_torchrun(kelly_home):
     env = {**os.environ, "KELLY_HOME": str(kelly_home)}
     r = subprocess.run([tool("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "kelly.cli", "train", "--distributed",

@@ -176,3 +176,44 @@ def test_sigkill_then_resume_the_music_transformer_is_bitwise(tmp_path, home):
     assert wa.keys() == wb.keys()
     for k in wa: assert torch.equal(wa[k], wb[k]), f"{k} differs after SIGKILL + resume"
     assert a["weights"] == b["weights"]
+
+
+def overfitting_config(runs_dir, name, patience=2) -> TrainConfig:
+    """A wide model at a high, barely annealed learning rate on 4 chorales without augmentation: it memorises the
+    training windows, and the validation loss stops improving a few epochs in (epoch 5 of 8 here)."""
+    return TrainConfig(name=name, runs_dir=runs_dir, corpus_limit=4,
+                       data=LMDataConfig(seq_len=64, bs=8, valid_frac=0.2, windows_per_epoch=96, augment=None),
+                       model=TransformerConfig(n_layers=2, width=128, n_heads=4, dropout=0.0),
+                       optim=OptimConfig(epochs=8, lr=1e-2, pct_start=0.1, div_final=2, weight_decay=0.0),
+                       reliability=ReliabilityConfig(rollback=False, patience=patience, keep_last=1))
+
+
+def test_early_stopping_bundles_the_best_epoch_and_survives_a_resume(tmp_path):
+    """A real run whose validation loss stops improving, crashed one epoch after its best epoch and resumed: the resumed
+    run keeps the best-so-far from its checkpoint, stops `patience` epochs after the best epoch, and bundles the best
+    epoch's weights (not the last), saying so in metrics.json and in the bundle's metadata."""
+    from kelly.exporters import load_bundle
+    cfg = overfitting_config(tmp_path, "of")
+    steps = cfg.data.windows_per_epoch // cfg.data.bs
+    crash = 6 * steps + 1                       # the first step of epoch 7
+    with pytest.raises(RuntimeError, match=f"crash at step {crash}"):
+        train(cfg, cbs=[CrashAt(crash)], progress=False)
+    run = tmp_path/"of"
+    before = load_checkpoint(list_checkpoints(run/CHECKPOINT_DIR)[-1])["callbacks"]["checkpoint"]
+    res = train(TrainConfig.load(run/CONFIG_FILE), resume=True, progress=False)
+    valid = [float(r.split(",")[2]) for r in (run/HISTORY_FILE).read_text().splitlines()[1:]]
+    best_epoch = valid.index(min(valid)) + 1
+    assert best_epoch < 6, valid                                        # the crash came after the best epoch ...
+    assert before["epoch"] == best_epoch and before["value"] == min(valid)   # ... which the checkpoint remembered
+    m = json.loads((run/METRICS_FILE).read_text())
+    assert m["stopped_early_at_epoch"] == best_epoch + cfg.reliability.patience < cfg.optim.epochs, (m, valid)
+    assert len(valid) == best_epoch + cfg.reliability.patience          # every epoch once, none after the stop
+    b = m["bundled"]
+    assert (b["weights"], b["monitor"], b["epoch"], b["step"], b["value"]) == ("best", "valid_loss", best_epoch, best_epoch * steps, min(valid))
+    assert m["best"] == {k: b[k] for k in ("monitor", "value", "step", "epoch")}
+    bundle = load_bundle(res.bundle)
+    assert bundle.metadata["metrics"]["bundled"] == b
+    best = load_checkpoint(run/CHECKPOINT_DIR/b["checkpoint"])["model"]
+    last = res.learn.model.state_dict()
+    assert all(torch.equal(v, best[k]) for k, v in bundle.model.state_dict().items())
+    assert not all(torch.equal(v, last[k]) for k, v in bundle.model.state_dict().items())   # not the last weights
