@@ -11,6 +11,7 @@ import math
 
 import torch
 from fastai.learner import Metric
+from fastai.torch_core import get_model
 
 from .audio import chroma, log_mel
 from .codec import CodecOutput
@@ -78,15 +79,12 @@ class ReconstructionMetric(Metric):
     @property
     def name(self): return self._name
 
-def _unwrap(model):
-    return getattr(model, "module", model)  # DistributedDataParallel keeps the codec in `.module`
-
 class CodebookPerplexity(Metric):
     "Codebook `k`'s perplexity from the codec's quantizer at the end of each epoch."
     def __init__(self, k: int):  # codebook index (0 = first)
         self.k, self.value_ = k, None
     def reset(self): pass
-    def accumulate(self, learn): self.value_ = _unwrap(learn.model).quantizer.health()[self.name]
+    def accumulate(self, learn): self.value_ = get_model(learn.model).quantizer.health()[self.name]
     @property
     def value(self): return self.value_
     @property

@@ -51,8 +51,6 @@ class CodecConfig(Config):
     version: int = 1  # format version of this config
 
     def __post_init__(self):
-        if isinstance(self.quantizer, QuantizerConfig) and self.quantizer.dim != self.latent_dim:
-            self.quantizer = dataclasses.replace(self.quantizer, dim=self.latent_dim)
         super().__post_init__()
         if self.quantizer.dim != self.latent_dim: self.quantizer = dataclasses.replace(self.quantizer, dim=self.latent_dim)
 

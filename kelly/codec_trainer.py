@@ -20,6 +20,7 @@ from fastai.callback.progress import ProgressCallback
 from fastai.callback.training import GradientClip
 from fastai.learner import Learner
 from fastai.optimizer import Adam
+from fastai.torch_core import get_model
 from fastcore.basics import noop
 
 from .core import Config, ConfigError, pick_device, seed_everything, write_json
@@ -55,7 +56,7 @@ class CodebookMonitor(KellyCallback):
         self.run = is_training_fit(self.learn)
 
     def after_batch(self):
-        self.last = getattr(self.learn.model, "module", self.learn.model).quantizer.health()
+        self.last = get_model(self.learn.model).quantizer.health()
         step = self.learn.train_iter
         if step < self.warmup: return
         low = {k: round(v, 2) for k, v in self.last.items() if k.endswith("_perplexity") and v < self.min_perplexity}
@@ -188,7 +189,7 @@ def _train_codec(config, rank, world_size, device, resume, cbs, progress) -> Tra
         start = time.perf_counter()
         fit_lm(learn, config.optim)
         metrics = run_metrics(learn, time.perf_counter() - start)
-        model = getattr(learn.model, "module", learn.model)
+        model = get_model(learn.model)
         metrics.update(world_size=world_size, codebook_health=model.quantizer.health(), collapses=learn.codebook_monitor.events)
         bundle = None
         if main:
