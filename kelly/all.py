@@ -29,3 +29,4 @@ from .callbacks import *
 from .reliability import *
 from .trainers import *
 from .codec_trainer import *
+from .widgets import *

@@ -36,8 +36,8 @@ from .audio import AudioError, load_audio, plot_spectrogram, render_midi, save_a
 from .callbacks import KellyCallback
 from .core import KellyError, atomic_write, kelly_path
 from .evaluation import QUALITY_PLOT, QUALITY_REPORT, evaluate_bundle, format_summary
-from .exporters import (MANIFEST_FILE, METADATA_FILE, AudioCodes, Bundle, BundleError, ExportError, decode_audio,
-                             encode_audio, export_pieces, load_bundle, piano_roll_figure)
+from .exporters import (MANIFEST_FILE, METADATA_FILE, AudioCodes, Bundle, BundleError, ExportError, bundle_kind,
+                             decode_audio, encode_audio, export_pieces, load_bundle, piano_roll_figure)
 from .samplers import Generation, SamplingConfig, midi_prompt, stream
 from .trainers import BUNDLE_DIR, HISTORY_FILE, METRICS_FILE, RUNS_DIR
 
@@ -107,13 +107,11 @@ def bundle_entry(path: str | os.PathLike,  # a bundle folder (usually `<run>/bun
     path = Path(path)
     run = path.parent.name if path.name == BUNDLE_DIR else path.name
     entry = BundleEntry(path, run, size_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0)
-    try:
-        from kelly.exporters import _manifest_kind, _read_manifest
-        manifest, _ = _read_manifest(path)
-        entry.kind = _manifest_kind(path/MANIFEST_FILE, manifest).name
+    try: entry.kind = bundle_kind(path)   # checks the format name, version and kind; the manifest is then plain JSON
     except BundleError as e:
         entry.problem = str(e)
         return entry
+    manifest = _read_json(path/MANIFEST_FILE)
     entry.format_version, entry.created = manifest["format_version"], str(manifest.get("created", ""))
     meta = _read_json(path/METADATA_FILE)
     corpus = meta.get("corpus")
