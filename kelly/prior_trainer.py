@@ -180,6 +180,8 @@ def _build_code_cache(folder: Path, audio: AudioCache, codec: Codec, codec_hash:
                 offsets.append(offsets[-1] + len(codes))
             f.flush(); os.fsync(f.fileno())
         name = f"codes-{digest.hexdigest()[:_HASH_CHARS]}.bin"
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)            # mkstemp makes 0600: follow the umask like every other file kelly writes
         os.replace(tmp, folder/name)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
