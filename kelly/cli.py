@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['FLAG_DEST_PREFIX', 'SUBCOMMANDS', 'SEED_RANGE', 'MIN_PIECE_TOKENS', 'CLI_SAMPLING', 'BAR_TOKEN_BUDGET', 'SAMPLES_DIR',
-           'DERIVED_TRAIN_KEYS', 'config_fields', 'add_config_flags', 'config_from_args', 'subcommand', 'build_parser',
-           'main', 'cmd_tokenize', 'newest_bundle', 'bundle_folder', 'cmd_generate', 'cmd_info',
-           'train_config_from_args', 'cmd_train', 'cmd_evaluate', 'cmd_audio_render', 'cmd_audio_pitch',
-           'cmd_audio_check', 'cmd_audio_encode', 'cmd_audio_decode', 'cmd_audio_train']
+           'DERIVED_TRAIN_KEYS', 'CLI_CODE_SAMPLING', 'config_fields', 'add_config_flags', 'config_from_args',
+           'subcommand', 'build_parser', 'main', 'cmd_tokenize', 'newest_bundle', 'bundle_folder', 'cmd_generate',
+           'cmd_info', 'train_config_from_args', 'cmd_train', 'cmd_evaluate', 'cmd_audio_train_prior',
+           'cmd_audio_generate', 'cmd_audio_render', 'cmd_audio_pitch', 'cmd_audio_check', 'cmd_audio_encode',
+           'cmd_audio_decode', 'cmd_audio_train']
 
 # %% ../nbs/14_cli.ipynb #8fa2c8a0
 import argparse
@@ -26,13 +27,15 @@ from .core import Config, ConfigError, KellyError, atomic_write, kelly_path, set
 from .tokenizer import Tokenizer, TokenizerConfig, check_roundtrip
 from .datasets import TokenCache
 from .samplers import SamplingConfig, generate, midi_prompt
-from .exporters import (MANIFEST_FILE, AudioCodes, BundleError, bundle_info, bundle_kind, decode_audio, encode_audio,
+from .exporters import (PRIOR_CODEC_DIR, load_prior, MANIFEST_FILE, AudioCodes, BundleError, bundle_info, bundle_kind, decode_audio, encode_audio,
                              export_pieces, load_bundle)
 from .evaluation import (CORPUS_PLOT, CORPUS_REPORT, QUALITY_PLOT, QUALITY_REPORT, evaluate_bundle, evaluate_folders,
                               format_folder_report, format_summary)
 from .distributed import is_main_process
 from .trainers import BUNDLE_DIR, CONFIG_FILE, TrainConfig, run_folder, train
 from .codec_trainer import RECONSTRUCTIONS_DIR, CodecTrainConfig, train_codec
+from .code_sampler import CodeSamplingConfig
+from .prior_trainer import REPORT_FILE, PriorTrainConfig, generate_audio, train_prior
 from .codec_evaluation import format_quality
 from .quantizer import health_key
 from .audio import (PITCH_FMAX, PITCH_FMIN, RENDER_SR, SYNTHS, check_audio_folder, load_audio, plot_pitch,
@@ -345,6 +348,71 @@ def _add_evaluate(sub):
     add_config_flags(p, SamplingConfig, title="sampling settings", base=CLI_SAMPLING.override("seed=0"))
     p.set_defaults(func=cmd_evaluate)
 
+# %% ../nbs/14_cli.ipynb #d518173e
+CLI_CODE_SAMPLING = CodeSamplingConfig(seconds=10.0)  # `kelly audio generate`'s defaults
+
+def cmd_audio_train_prior(args,  # parsed arguments of `kelly audio train-prior`
+                          out=None,  # where to print (default stdout)
+                          ) -> int:
+    "Train a code prior on a codec's codes (default: the newest codec run, the rendered Bach chorales); prints its run and bundle; returns the exit status."
+    out = out or sys.stdout
+    config = config_from_args(args, PriorTrainConfig)
+    if args.resume is not None and args.config is None:
+        saved = run_folder(config, args.resume)/CONFIG_FILE
+        if saved.is_file(): config = config_from_args(args, PriorTrainConfig, base=PriorTrainConfig.load(saved))
+    result = train_prior(config, distributed=args.distributed, resume=args.resume if args.resume is not None else False, progress=not args.quiet)
+    if not is_main_process(): return 0
+    m = result.metrics
+    print(f"run: {result.run_dir}", file=out)
+    print(f"bundle: {result.bundle} (codec beside it: {result.run_dir/PRIOR_CODEC_DIR})", file=out)
+    loss = f"{m['valid_loss']:.4f}" if m.get("valid_loss") is not None else "n/a"
+    print(f"trained {m['steps']} steps in {m.get('seconds', 0):.0f} s; validation loss {loss} nats per code "
+          f"({m['pattern']} pattern: {m['steps_per_second_of_audio']:.1f} decoding steps per second of audio)", file=out)
+    return 0
+
+def cmd_audio_generate(args,  # parsed arguments of `kelly audio generate`
+                       out=None,  # where to print (default stdout)
+                       ) -> int:
+    "Generate audio clips with a code prior and its codec: WAV + PNG per clip and a JSON report (seams, memorisation, codebook usage)."
+    out = out or sys.stdout
+    sampling = config_from_args(args, CodeSamplingConfig, base=CLI_CODE_SAMPLING)
+    if sampling.seed is None: sampling = sampling.override(f"seed={int(torch.randint(SEED_RANGE, ()))}")
+    path = _bundle_path(args, kind="prior")
+    pair = load_prior(path, args.codec, device=args.device)
+    report = generate_audio(pair, args.out, n=args.n, config=sampling, prompt=args.prompt, prefix=args.prefix)
+    print(f"prior: {path} (seed {sampling.seed}); codec: {pair.codec.path}", file=out)
+    print(f"{report['n']} clip(s) in {report['sample_seconds'] + report['decode_seconds']:.1f} s "
+          f"({report['realtime_factor']:.2f}x realtime: sampling {report['sample_seconds']:.1f} s, decoding {report['decode_seconds']:.1f} s)", file=out)
+    for piece in report["pieces"]:
+        seams, mem = piece["seams"]["all"], piece["memorisation"]
+        seam = f"seams {seams['ratio']:.2f}x interior flux over {seams['n_boundaries']} joins" if seams["ratio"] is not None else "no joins"
+        copied = (f"memorisation: {mem['share']:.1%} of 0.5 s n-grams found, longest copy {mem['longest_seconds']:.1f} s"
+                  + (f" from {mem['source']}" if mem["source"] else "") + (" FLAGGED" if mem["flagged"] else "")) if mem else f"memorisation not checked ({report['memorisation_note']})"
+        print(f"{Path(args.out)/piece['wav']}: {piece['seconds']:.1f} s; {seam}; {copied}", file=out)
+    print(Path(args.out)/REPORT_FILE, file=out)
+    return 0
+
+def _add_prior_commands(audio):
+    "The `train-prior` and `generate` sub-commands of `kelly audio`."
+    t = audio.add_parser("train-prior", help="train a code prior on a codec's codes (default: the newest codec run)", description=cmd_audio_train_prior.__doc__)
+    t.add_argument("--distributed", action="store_true", help="one process of a torchrun job (gloo on CPU, nccl on CUDA)")
+    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue the named (--name) or latest run from its newest valid checkpoint, or from CHECKPOINT")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(t, PriorTrainConfig, title="code prior training settings",
+                     skip=("model.n_codebooks", "model.codebook_size", "model.frame_rate", "model.codec_hash"))
+    t.set_defaults(func=cmd_audio_train_prior)
+    g = audio.add_parser("generate", help="generate audio with a code prior (WAV + PNG + report.json)", description=cmd_audio_generate.__doc__)
+    g.add_argument("--model", type=Path, default=None, metavar="BUNDLE|RUN", help="a prior bundle or its run folder (default: the newest prior bundle under $KELLY_HOME/runs)")
+    g.add_argument("--codec", type=Path, default=None, metavar="BUNDLE", help="the prior's codec bundle (default: the copy in the prior's run folder)")
+    g.add_argument("-n", type=int, default=2, help="clips to generate [2]")
+    g.add_argument("--out", type=Path, default=Path("generated"), metavar="DIR", help="folder for the clips and report.json [generated]")
+    g.add_argument("--prompt", type=Path, default=None, metavar="FILE", help="an audio file to continue (its last half window)")
+    g.add_argument("--prefix", default="clip", help="file name prefix [clip]")
+    g.add_argument("--device", default=None, help="cpu, cuda, ... [auto]")
+    add_config_flags(g, CodeSamplingConfig, title="sampling settings", base=CLI_CODE_SAMPLING)
+    g.set_defaults(func=cmd_audio_generate)
+
 # %% ../nbs/14_cli.ipynb #3728dcfe
 def cmd_audio_render(args,  # parsed arguments of `kelly audio render`
                      out=None,  # where to print (default stdout)
@@ -483,6 +551,7 @@ def _add_audio(sub):
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(t, CodecTrainConfig, title="codec training settings", skip=("model.quantizer.dim",))
     t.set_defaults(func=cmd_audio_train)
+    _add_prior_commands(audio)
 
 # %% ../nbs/14_cli.ipynb #a3e5feda
 #| eval: false

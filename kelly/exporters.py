@@ -9,11 +9,12 @@ __all__ = ['MIDI_TPQ', 'PIANO_ROLL_SIZE', 'PIANO_ROLL_DPI', 'NOTE_HEIGHT', 'MIN_
            'WEIGHTS_TOKENIZER_KEY', 'WEIGHTS_CONFIG_KEY', 'TRAINING_DATA_KEYS', 'BUNDLE_KINDS', 'BUNDLE_LOADERS',
            'ONNX_TRACE_SHAPE', 'ONNX_CHECK_SHAPE', 'ONNX_ATOL', 'CODEC_ENCODER_ONNX', 'CODEC_DECODER_ONNX',
            'CODEC_ONNX_OPSET', 'CODEC_ONNX_TRACE_SECONDS', 'CODEC_ONNX_CHECK_SHAPE', 'CODEC_ONNX_MIN_AGREEMENT',
-           'CODEC_ONNX_LATENT_RTOL', 'CODES_KEYS', 'ExportError', 'BundleError', 'rescale', 'MidiExport', 'write_midi',
-           'ids_to_midi', 'export_pieces', 'draw_piano_roll', 'piano_roll_figure', 'save_piano_roll', 'BundleKind',
-           'codec_summary', 'kind_of', 'model_hash', 'n_parameters', 'save_bundle', 'Bundle', 'bundle_loader',
-           'bundle_kind', 'load_bundle', 'bundle_info', 'export_onnx', 'CodecOnnx', 'export_codec_onnx', 'AudioCodes',
-           'encode_audio', 'decode_audio']
+           'CODEC_ONNX_LATENT_RTOL', 'CODES_KEYS', 'PRIOR_CODEC_DIR', 'ExportError', 'BundleError', 'rescale',
+           'MidiExport', 'write_midi', 'ids_to_midi', 'export_pieces', 'draw_piano_roll', 'piano_roll_figure',
+           'save_piano_roll', 'BundleKind', 'codec_summary', 'kind_of', 'model_hash', 'n_parameters', 'save_bundle',
+           'Bundle', 'bundle_loader', 'bundle_kind', 'load_bundle', 'bundle_info', 'export_onnx', 'CodecOnnx',
+           'export_codec_onnx', 'AudioCodes', 'encode_audio', 'decode_audio', 'prior_summary', 'PriorWithCodec',
+           'load_prior']
 
 # %% ../nbs/09_exporters.ipynb #059f666c
 import datetime
@@ -50,6 +51,7 @@ from .midi import (DEFAULT_QPM, DEFAULT_TIME_SIGNATURE, MIDI_MAX, TEMPO_DTYPE, T
 from .audio import load_audio, resample
 from .models import MusicTransformer, TransformerConfig
 from .codec import Codec, CodecConfig, CodecError
+from .prior import CodePrior, PriorConfig
 from .tokenizer import DecodeReport, Tokenizer, TokenizerConfig, TokenizerError
 
 # %% ../nbs/09_exporters.ipynb #7e913a61
@@ -291,7 +293,8 @@ def _codec_problem(codec: Codec) -> str | None:
 
 BUNDLE_KINDS: dict[str, BundleKind] = {k.name: k for k in (
     BundleKind("lm", MusicTransformer, TransformerConfig, tokenizer=True),
-    BundleKind("codec", Codec, CodecConfig, tokenizer=False, summary=codec_summary, problem=_codec_problem))}  # kind name -> kind
+    BundleKind("codec", Codec, CodecConfig, tokenizer=False, summary=codec_summary, problem=_codec_problem),
+    BundleKind("prior", CodePrior, PriorConfig, tokenizer=False, summary=lambda m: prior_summary(m), problem=lambda m: _prior_problem(m)))}  # kind name -> kind
 
 def kind_of(model: torch.nn.Module,  # a model (DDP / compiled wrappers are unwrapped)
             where="model",  # what error messages name (the bundle path)
@@ -911,3 +914,42 @@ def decode_audio(bundle: Bundle,  # the codec bundle that made the codes
     if target == codes.source_sample_rate:  # the source's exact length (resampling rounds up)
         y = y[:codes.source_length] if len(y) >= codes.source_length else np.pad(y, (0, codes.source_length - len(y)))
     return y, target
+
+# %% ../nbs/09_exporters.ipynb #b891f8c3
+PRIOR_CODEC_DIR = "codec"  # the codec bundle saved beside a prior's bundle in its run folder
+
+def prior_summary(prior: CodePrior,  # the prior to describe
+                  ) -> dict:
+    "A prior's pattern, codebooks, frame rate, window and codec hash: its manifest section and what `kelly info` shows."
+    c = prior.config
+    return {"pattern": c.pattern, "n_codebooks": c.n_codebooks, "codebook_size": c.codebook_size, "frame_rate": c.frame_rate,
+            "max_frames": c.max_frames, "window_seconds": c.max_frames / c.frame_rate, "codec_hash": c.codec_hash}
+
+def _prior_problem(prior: CodePrior) -> str | None:
+    if not prior.config.codec_hash: return "its config names no codec (codec_hash is empty); size it with PriorConfig.for_codec"
+    return None
+
+class PriorWithCodec(NamedTuple):
+    "A loaded prior bundle and the codec bundle whose codes it models."
+    prior: Bundle  # kind "prior"
+    codec: Bundle  # kind "codec", its model hash checked against the prior's
+
+def _prior_codec_path(prior_path: Path) -> Path:
+    "Where the codec of a prior bundle lies by default: `<run>/codec` beside `<run>/bundle`, or inside the given folder."
+    for candidate in (prior_path.parent/PRIOR_CODEC_DIR, prior_path/PRIOR_CODEC_DIR):
+        if (candidate/MANIFEST_FILE).is_file(): return candidate
+    return prior_path.parent/PRIOR_CODEC_DIR
+
+def load_prior(path: str | os.PathLike,  # a prior bundle folder
+               codec: str | os.PathLike | Bundle | None = None,  # its codec bundle (default: the copy beside it, `<run>/codec`)
+               *,
+               device=None,  # where the models go
+               ) -> PriorWithCodec:
+    "Load a prior and its codec; a codec other than the one the prior was trained with is refused with `BundleError`."
+    prior = load_bundle(path, device=device, kind="prior")
+    codec_bundle = codec if isinstance(codec, Bundle) else load_bundle(Path(codec) if codec is not None else _prior_codec_path(Path(path)), device=device, kind="codec")
+    want = prior.config.codec_hash
+    if codec_bundle.model_hash != want:
+        raise BundleError(f"{codec_bundle.path}: holds the codec {codec_bundle.model_hash[:12]}, but the prior {prior.path} was trained on the "
+                          f"codes of codec {want[:12]}; use the codec bundle saved with the prior (its run's '{PRIOR_CODEC_DIR}' folder)")
+    return PriorWithCodec(prior, codec_bundle)
