@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['DEFAULT_TOP_K', 'MAX_CODE_FRAMES', 'CHUNK_FRAMES', 'CHUNK_CONTEXT', 'CROSSFADE_FRAMES', 'CHUNK_TOLERANCE',
            'SEAM_N_FFT', 'SEAM_HOP', 'SEAM_LOG_FLOOR', 'SEAM_LIMIT', 'CodeSamplingConfig', 'draw_codes',
-           'CodeGeneration', 'sample_codes', 'encode_prompt', 'crossfade_gains', 'LongAudio', 'decode_long',
-           'spectral_flux', 'seam_ratio']
+           'CodeGeneration', 'sample_codes', 'inpaint_codes', 'encode_prompt', 'crossfade_gains', 'LongAudio',
+           'decode_long', 'spectral_flux', 'seam_ratio']
 
 # %% ../nbs/08a_code_sampler.ipynb #eab00804
 import dataclasses
@@ -165,6 +165,28 @@ def _window(prior: CodePrior, codes: torch.Tensor, s0: int, W: int, known: int, 
         seq[:, 1 + j] = torch.where(blank_t[j], pat.blank, values + off[j])
         if j + 1 < L: logits = prior(seq[:, 1 + j:2 + j], cache)[:, -1] if cache is not None else prior(seq[:, :2 + j])[:, -1]
     return L - first
+
+# %% ../nbs/08a_code_sampler.ipynb #db9f154d
+def inpaint_codes(prior: CodePrior,  # the code prior
+                  codes,  # `[Q, frames]` codes of one clip (numpy or torch)
+                  start: int,  # first frame to resample
+                  end: int,  # one past the last frame to resample
+                  *,
+                  config: CodeSamplingConfig | None = None,  # temperature, top-k, top-p, seed, window (its `seconds` is ignored)
+                  **overrides,  # CodeSamplingConfig fields, e.g. seed=3
+                  ) -> torch.Tensor:
+    "The codes with frames `start:end` drawn anew from the prior, continuing the frames before `start`; int64 `[Q, frames]`."
+    codes = torch.as_tensor(np.asarray(codes)).long()
+    T = codes.shape[-1]
+    if codes.ndim != 2: raise PriorError(f"codes must be [codebooks, frames], got {tuple(codes.shape)}")
+    if not 0 <= start < end <= T: raise PriorError(f"the span to resample must satisfy 0 <= start < end <= {T} frames, got {start}:{end}")
+    c = CodeSamplingConfig.from_dict({**(config or CodeSamplingConfig()).to_dict(), **overrides, "seconds": (end - start) / prior.config.frame_rate})
+    keep = max(1, int((c.window or prior.config.max_frames) * c.keep))
+    prompt = codes[:, max(0, start - keep):start]
+    gen = sample_codes(prior, n=1, prompt=prompt if prompt.shape[-1] else None, config=c)
+    out = codes.clone()
+    out[:, start:end] = gen.codes[0, :, gen.prompt_frames:gen.prompt_frames + end - start].to(out.device)
+    return out
 
 # %% ../nbs/08a_code_sampler.ipynb #db2d6ef0
 def encode_prompt(codec: Codec,  # the codec the prior models

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['CODE_CACHE_DIR', 'CODE_CACHE_VERSION', 'CODE_CACHE_MANIFEST', 'CODE_DTYPE', 'ENCODE_CHUNK_FRAMES',
-           'ENCODE_CONTEXT_FRAMES', 'PRIOR_JOB_STEPS', 'REPORT_FILE', 'encode_long', 'CodeCache', 'CodeWindows',
-           'RandomCodeWindows', 'SlidingCodeWindows', 'CodeLoader', 'PriorDataConfig', 'prior_dataloaders',
-           'PriorTrainConfig', 'find_codec', 'prior_learner', 'train_prior', 'codebook_usage', 'memorisation_index',
-           'generate_audio']
+           'ENCODE_CONTEXT_FRAMES', 'PRIOR_JOB_STEPS', 'PRIOR_JOB_BATCH', 'REPORT_FILE', 'encode_long', 'CodeCache',
+           'CodeWindows', 'RandomCodeWindows', 'SlidingCodeWindows', 'CodeLoader', 'PriorDataConfig',
+           'prior_dataloaders', 'PriorTrainConfig', 'find_codec', 'prior_learner', 'train_prior', 'codebook_usage',
+           'memorisation_index', 'generate_audio']
 
 # %% ../nbs/12b_prior_trainer.ipynb #12921258
 import dataclasses
@@ -346,9 +346,11 @@ def prior_dataloaders(cache: CodeCache,  # the encoded corpus
     return dls
 
 # %% ../nbs/12b_prior_trainer.ipynb #4c4f3011
-PRIOR_JOB_STEPS = 1200  # training steps of `kelly audio train-prior`
+PRIOR_JOB_STEPS = 600  # training steps of `kelly audio train-prior` (sized for the 15-minute budget on 2 CPU cores; see the notes for measured times)
 
-def _default_prior_data() -> PriorDataConfig: return PriorDataConfig(bs=16, windows_per_epoch=16 * PRIOR_JOB_STEPS)
+PRIOR_JOB_BATCH = 8  # windows of 5 s per step of the default job
+
+def _default_prior_data() -> PriorDataConfig: return PriorDataConfig(bs=PRIOR_JOB_BATCH, windows_per_epoch=PRIOR_JOB_BATCH * PRIOR_JOB_STEPS)
 def _default_prior_optim() -> OptimConfig: return OptimConfig(epochs=1, lr=1e-3, weight_decay=0.1, pct_start=0.05, grad_clip=1.0)
 def _default_prior_reliability() -> ReliabilityConfig: return ReliabilityConfig(checkpoint_every=200, sample_every=300)
 
