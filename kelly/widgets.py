@@ -9,7 +9,7 @@ __all__ = ['PNG_DPI', 'FIGURE_SIZE', 'HEADLINE_METRICS', 'PANELS', 'TOKENS_PER_B
            'sampling_for', 'generate_pieces', 'PieceFiles', 'pieces_to_files', 'GenerateApp', 'mute_codebooks',
            'copy_span', 'shuffle_span', 'seconds_to_frame', 'decode_codes', 'code_grid_figure', 'AudioCodesApp',
            'ModelLibrary', 'LivePlot', 'read_history', 'history_figure', 'codebook_health_figure', 'evaluation_report',
-           'DiagnosticsApp']
+           'DiagnosticsApp', 'inpaint_with_prior', 'PriorApp']
 
 # %% ../nbs/13_widgets.ipynb #987a71e8
 import csv
@@ -37,7 +37,9 @@ from .callbacks import KellyCallback
 from .core import KellyError, atomic_write, kelly_path
 from .evaluation import QUALITY_PLOT, QUALITY_REPORT, evaluate_bundle, format_summary
 from .exporters import (MANIFEST_FILE, METADATA_FILE, AudioCodes, Bundle, BundleError, ExportError, bundle_kind,
-                             decode_audio, encode_audio, export_pieces, load_bundle, piano_roll_figure)
+                             decode_audio, encode_audio, export_pieces, load_bundle, piano_roll_figure, load_prior)
+from .code_sampler import CodeSamplingConfig, decode_long, inpaint_codes
+from .prior_trainer import REPORT_FILE, generate_audio
 from .samplers import Generation, SamplingConfig, midi_prompt, stream
 from .trainers import BUNDLE_DIR, HISTORY_FILE, METRICS_FILE, RUNS_DIR
 
@@ -759,3 +761,106 @@ class DiagnosticsApp:
         "What Evaluate does: `kelly evaluate` on the chosen run's bundle (`EVALUATE_PIECES` pieces per setting), then show it."
         try: self._show_report(*evaluation_report(self.runs_dir/self.run.value, n=EVALUATE_PIECES, sampling=SamplingConfig(seed=0)))
         except KellyError as e: self.status.value = f"<span style='color:#b00'>{type(e).__name__}: {e}</span>"
+
+# %% ../nbs/13_widgets.ipynb #85468156
+def inpaint_with_prior(bundle: Bundle,  # a loaded prior bundle
+                       codes: AudioCodes,  # codes made by the prior's codec
+                       start: int, end: int,  # the frames to resample
+                       seed: int = 0,  # sampling seed
+                       ) -> AudioCodes:
+    "`codes` with frames `start:end` drawn anew from the prior (the `CODE_INPAINTERS` entry of `prior` bundles)."
+    if codes.model_hash != bundle.config.codec_hash:
+        raise WidgetError(f"{codes.path or 'codes'}: made by codec {codes.model_hash[:12]}, but the prior {bundle.path} models codec {bundle.config.codec_hash[:12]}")
+    q = bundle.config.n_codebooks
+    if codes.n_codebooks != q: raise WidgetError(f"the prior needs all {q} codebooks, these codes hold {codes.n_codebooks}")
+    new = inpaint_codes(bundle.model, codes.codes, start, end, seed=seed).numpy().astype(codes.codes.dtype)
+    return _edited(codes, new)
+
+CODE_INPAINTERS["prior"] = inpaint_with_prior
+
+class PriorApp:
+    "Generate audio with a prior bundle and its codec: sampling controls, spectrograms, players and the report; resample a span."
+    def __init__(self, bundle: Bundle,  # a loaded prior bundle
+                 *,
+                 work_dir: str | os.PathLike | None = None,  # where clips go (default: a temporary folder)
+                 ):
+        if bundle.kind != "prior": raise WidgetError(f"{bundle.path}: the audio generation app needs a prior bundle, got {bundle.kind}")
+        self.bundle, self.pair, self.takes = bundle, None, 0
+        self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="kelly-audio-"))
+        style = {"description_width": "initial"}
+        d = CodeSamplingConfig()
+        self.seconds = W.FloatText(value=10.0, description="seconds", style=style)
+        self.temperature = W.FloatText(value=d.temperature, description="temperature", style=style)
+        self.top_k = W.IntText(value=d.top_k, description="top-k", style=style)
+        self.top_p = W.FloatText(value=d.top_p, description="top-p", style=style)
+        self.seed = W.IntText(value=0, description="seed", style=style)
+        self.n = W.IntSlider(value=1, min=1, max=4, description="clips", style=style)
+        self.prompt = W.Text(description="prompt audio", placeholder="optional: a file to continue", style=style)
+        self.generate_button = W.Button(description="Generate", button_style="primary")
+        self.span = W.FloatRangeSlider(value=(0.0, 0.0), min=0.0, max=1.0, step=0.02, description="span (s)", style=style)
+        self.inpaint_button = W.Button(description="Resample span", disabled=True)
+        self.status, self.clips = W.HTML(), W.VBox()
+        self.report: dict | None = None
+        self.generate_button.on_click(lambda _: self.generate())
+        self.inpaint_button.on_click(lambda _: self.inpaint())
+        try: self.pair = load_prior(bundle.path, device=next(bundle.model.parameters()).device)
+        except KellyError as e:
+            self._error(e); self.generate_button.disabled = True
+        self.widget = W.VBox([W.HBox([self.seconds, self.n, self.seed]), W.HBox([self.temperature, self.top_k, self.top_p]),
+                              W.HBox([self.prompt, self.generate_button]), self.status, self.clips,
+                              W.HBox([self.span, self.inpaint_button])])
+
+    def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
+
+    def _error(self, e: Exception):
+        self.status.value = f"<span style='color:#b00'>{type(e).__name__}: {e}</span>"
+        _log.warning("audio generation app: %s", e)
+
+    def _clip_box(self, folder: Path, piece: dict) -> W.Widget:
+        y, sr = load_audio(folder/piece["wav"])
+        seams, mem = piece["seams"]["all"], piece["memorisation"]
+        text = f"{piece['wav']}: {piece['seconds']:.1f} s"
+        if seams["ratio"] is not None: text += f"; seams {seams['ratio']:.2f}× interior flux"
+        if mem: text += f"; longest copy {mem['longest_seconds']:.1f} s" + (" (flagged)" if mem["flagged"] else "")
+        return W.VBox([W.HTML(text), W.Image(value=(folder/piece["png"]).read_bytes(), format="png", layout=W.Layout(width="100%")),
+                       W.Audio(value=wav_bytes(y, sr), format="wav", autoplay=False, loop=False)])
+
+    def generate(self) -> dict | None:
+        "What Generate does: `generate_audio` into a new take folder, then show every clip; returns the report."
+        try:
+            config = CodeSamplingConfig(seconds=self.seconds.value, temperature=self.temperature.value, top_k=self.top_k.value,
+                                        top_p=self.top_p.value, seed=self.seed.value)
+            self.takes += 1
+            self.folder = self.work_dir/f"take-{self.takes:03d}"
+            self.report = generate_audio(self.pair, self.folder, n=self.n.value, config=config, prompt=self.prompt.value.strip() or None)
+        except KellyError as e:
+            self._error(e); return None
+        self.clips.children = [self._clip_box(self.folder, p) for p in self.report["pieces"]]
+        length = self.report["pieces"][0]["seconds"]
+        self.span.max, self.span.value = length, (length / 3, 2 * length / 3)
+        self.inpaint_button.disabled = False
+        self.status.value = f"{len(self.report['pieces'])} clip(s) in {self.folder} ({self.report['realtime_factor']:.2f}× realtime)"
+        return self.report
+
+    def inpaint(self) -> Path | None:
+        "What Resample span does: the span of the first clip drawn anew, decoded, shown and saved beside it; returns its WAV."
+        try:
+            piece = self.report["pieces"][0]
+            codes = AudioCodes.load(self.folder/piece["codes"])
+            fr = self.bundle.config.frame_rate
+            start, end = (int(round(t * fr)) for t in self.span.value)
+            new = inpaint_with_prior(self.bundle, codes, start, max(end, start + 1), seed=self.seed.value)
+            audio = decode_long(self.pair.codec.model, torch.from_numpy(new.codes.astype(np.int64))[None]).audio[0].clamp(-1, 1).numpy()
+        except KellyError as e:
+            self._error(e); return None
+        stem = Path(piece["wav"]).stem + "-resampled"
+        new.save(self.folder/f"{stem}.npz")
+        wav = save_audio(self.folder/f"{stem}.wav", audio, self.pair.codec.config.sample_rate)
+        fig = plot_spectrogram(audio, self.pair.codec.config.sample_rate, title=f"{stem}: {self.span.value[0]:.2f}–{self.span.value[1]:.2f} s resampled")
+        self.clips.children = [*self.clips.children, W.VBox([W.HTML(f"{wav.name}"), W.Image(value=figure_png(fig), format="png", layout=W.Layout(width="100%")),
+                                                             W.Audio(value=wav_bytes(audio, self.pair.codec.config.sample_rate), format="wav", autoplay=False)])]
+        self.status.value = f"resampled {start}:{end} frames → {wav}"
+        return wav
+
+@register_panel("prior")
+def _prior_panel(bundle: Bundle) -> W.Widget: return PriorApp(bundle).widget
