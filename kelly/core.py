@@ -4,18 +4,23 @@
 
 # %% auto #0
 __all__ = ['JSON_INDENT', 'KELLY_HOME_ENV', 'LOG_FORMAT', 'KellyError', 'ConfigError', 'atomic_write', 'sha256_file',
-           'write_json', 'flatten_dict', 'Config', 'default_kelly_home', 'kelly_home', 'kelly_path', 'mps_available',
-           'pick_device', 'cuda_device_ids', 'seed_everything', 'capture_rng_state', 'restore_rng_state', 'get_logger',
-           'setup_logging']
+           'write_json', 'flatten_dict', 'Config', 'os_error_message', 'ensure_folder', 'check_output_folder',
+           'umask_mode', 'process_alive', 'FolderWalk', 'walk_files', 'default_kelly_home', 'kelly_home', 'kelly_path',
+           'mps_available', 'pick_device', 'cuda_device_ids', 'seed_everything', 'capture_rng_state',
+           'restore_rng_state', 'get_logger', 'setup_logging']
 
 # %% ../nbs/00_core.ipynb #a649eebb
 import dataclasses
 import difflib
+import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import random
+import re
+import stat as stat_module
 import sys
 import tempfile
 import types
@@ -101,6 +106,9 @@ _TRUE_STRINGS, _FALSE_STRINGS = {"true", "yes", "on", "1"}, {"false", "no", "off
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
+class _NonFiniteError(ConfigError):
+    "NaN or infinity given for a float setting (kept apart so that a union's other types do not hide the reason)."
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     "Check `value` against the annotation `tp`, converting lossless cases (int→float, str→Path); raise `ConfigError` naming `key`."
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -111,6 +119,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         for a in args:
             if a is type(None): continue
             try: return _coerce(value, a, key)
+            except _NonFiniteError: raise    # the precise reason, not "expected float | None"
             except ConfigError: pass
         fail()
     if origin is Literal:
@@ -143,11 +152,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError: fail()
         fail()
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
-        if isinstance(value, str):
-            try: return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool): number = value
+        elif isinstance(value, str):
+            try: number = float(value)
             except ValueError: fail()
-        fail()
+        else: fail()
+        try: number = float(number)
+        except OverflowError: number = math.inf
+        if not math.isfinite(number):
+            raise _NonFiniteError(f"config key '{key}': {value!r} is not a finite number; NaN and infinity are refused for every setting")
+        return number
     if tp is str:
         if isinstance(value, str): return value
         fail()
@@ -166,6 +180,8 @@ def _to_plain(value: Any) -> Any:
     return value
 
 # %% ../nbs/00_core.ipynb #7f334f4c
+_KEY_RE = re.compile(r"(config key ')([^']*)")   # where a message names a key
+
 class Config:
     "Mixin for `@dataclass` configs: strict dict/JSON/YAML round trip and dotted overrides."
 
@@ -198,7 +214,11 @@ class Config:
             close = difflib.get_close_matches(str(k), list(types_), n=1)
             hint = f" (did you mean '{_prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(types_)})"
             raise ConfigError(f"unknown config key '{_prefix}{k}' for {cls.__name__}{hint}")
-        return cls(**{k: _coerce(v, types_[k], f"{_prefix}{k}") for k, v in d.items()})
+        values = {k: _coerce(v, types_[k], f"{_prefix}{k}") for k, v in d.items()}
+        try: return cls(**values)
+        except ConfigError as e:   # `validate` names its own keys; a nested section's get their full dotted path
+            if not _prefix: raise
+            raise ConfigError(_KEY_RE.sub(lambda m: m.group(1) + (m.group(2) if m.group(2).startswith(_prefix) else _prefix + m.group(2)), str(e))) from e
 
     def save(self, path: str | os.PathLike):  # a .json, .yaml or .yml file
         "Write atomically as JSON or YAML, chosen by the file suffix."
@@ -252,6 +272,126 @@ def _config_format(path: Path) -> str:
     if suffix in (".yaml", ".yml"): return "yaml"
     raise ConfigError(f"config file {path}: unsupported suffix '{suffix}' (use .json, .yaml or .yml)")
 
+# %% ../nbs/00_core.ipynb #a7e12df1
+_ERRNO_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space or choose a folder on another disk",
+    errno.EDQUOT: "the disk quota is exhausted: free some space or choose another folder",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.EACCES: "permission denied: choose a folder you can write to, or change its permissions",
+    errno.EPERM: "the operation is not permitted (an immutable file, or missing privileges): choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path or move the file",
+    errno.EISDIR: "it is a folder where a file is expected: choose a file name",
+    errno.EEXIST: "a file of that name is in the way: choose another path or move the file",
+    errno.ENOENT: "it does not exist: check the path",
+    errno.ELOOP: "too many levels of symbolic links (a symlink loop): fix or remove the link",
+    errno.ENAMETOOLONG: "the name is too long: choose a shorter path",
+}
+
+def os_error_message(e: OSError,  # what the system raised
+                     ) -> str:
+    "One line for an `OSError`: the quoted path(s), the system's reason and what to do."
+    paths = " -> ".join(repr(str(f)) for f in (e.filename, e.filename2) if f is not None)
+    reason = _ERRNO_ADVICE.get(e.errno) or (e.strerror or str(e) or type(e).__name__)
+    system = f" [{e.strerror}]" if e.strerror and e.errno in _ERRNO_ADVICE else ""
+    return f"{paths + ': ' if paths else ''}{reason}{system}"
+
+def _blocking_file(path: Path) -> Path | None:
+    "The first existing non-folder on the way to `path` (itself included), if any."
+    for q in [*reversed(path.parents), path]:
+        if q.exists() and not q.is_dir(): return q
+        if not q.exists(): return None
+    return None
+
+def ensure_folder(path: str | os.PathLike,  # the folder to create (with its parents) if missing
+                  what: str = "folder",  # how messages call it ("KELLY_HOME", "output folder", ...)
+                  ) -> Path:
+    "Create `path` as a folder (parents too); `KellyError` in one line when a file is in the way or the system refuses."
+    path = Path(path)
+    blocker = _blocking_file(path)
+    if blocker is not None:
+        where = "is a file" if blocker == path else f"lies under {str(blocker)!r}, which is a file"
+        raise KellyError(f"{what} {str(path)!r} {where}, not a folder: choose another path or move the file")
+    try: path.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise KellyError(f"{what} {str(path)!r} cannot be created: {os_error_message(e)}") from e
+    return path
+
+def check_output_folder(path: str | os.PathLike,  # a folder that files will be written into (it may not exist yet)
+                        what: str = "output folder",  # how messages call it
+                        ) -> Path:
+    "Refuse, before any work, a folder where files cannot be created: a file in the way, no permission, read-only."
+    path = Path(path)
+    blocker = _blocking_file(path)
+    if blocker is not None:
+        where = "is a file" if blocker == path else f"lies under {str(blocker)!r}, which is a file"
+        raise KellyError(f"{what} {str(path)!r} {where}, not a folder: choose another path or move the file")
+    probe_in = next(q for q in [path, *path.parents] if q.exists())
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kelly-probe-", dir=probe_in)
+        os.close(fd); os.unlink(probe)
+    except OSError as e:
+        raise KellyError(f"{what} {str(path)!r} cannot be written: {os_error_message(e)}") from e
+    return path
+
+def umask_mode(folder: bool = False,  # the mode of a new folder instead of a new file
+               ) -> int:
+    "The permission bits `open()`/`mkdir()` would give a new file (folder) under the current umask: what kelly's outputs get."
+    return (0o777 if folder else _DEFAULT_FILE_MODE) & ~_current_umask()
+
+def process_alive(pid: int,  # a process id on this machine
+                  ) -> bool:
+    "Whether process `pid` is running (a temp file named after a live writer is not a leftover to clean up)."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True    # it exists, owned by someone else
+    except OSError: return False
+    return True
+
+# %% ../nbs/00_core.ipynb #91effc2d
+@dataclasses.dataclass
+class FolderWalk:
+    "What `walk_files` found under `root`: usable files, other files, and entries skipped with the reason."
+    root: Path  # the folder walked
+    files: list = dataclasses.field(default_factory=list)  # (relative name, `os.stat_result`) of readable regular files with a wanted suffix
+    ignored: list = dataclasses.field(default_factory=list)  # relative names of files with other suffixes
+    skipped: list = dataclasses.field(default_factory=list)  # (relative name, reason) of entries that could not be used
+
+def walk_files(root: str | os.PathLike,  # the folder to walk
+               suffixes: tuple[str, ...] | None = None,  # wanted file endings, lower case (None: every file)
+               *,
+               recursive: bool = True,  # also walk sub-folders
+               ) -> FolderWalk:
+    "Every non-hidden file under `root`, symlinks followed once, cycles and unreadable entries skipped and listed; files sorted by name."
+    root = Path(root)
+    out, seen, stack = FolderWalk(root), set(), [("", root)]
+    while stack:
+        prefix, folder = stack.pop()
+        name = prefix.rstrip("/") or "."
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                out.skipped.append((name, "a link to a folder already walked (a symlink cycle or a second link): not followed again")); continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it: entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            out.skipped.append((name, f"folder cannot be read: {_ERRNO_ADVICE.get(e.errno) or e.strerror or e}")); continue
+        for e in entries:
+            if e.name.startswith("."): continue
+            rel = prefix + e.name
+            try:
+                if e.is_dir():
+                    if recursive: stack.append((rel + "/", Path(e.path)))
+                    continue
+                if suffixes is not None and os.path.splitext(e.name)[1].lower() not in suffixes:
+                    out.ignored.append(rel); continue
+                st = os.stat(e.path)
+                if not stat_module.S_ISREG(st.st_mode): out.skipped.append((rel, "not a regular file (a FIFO, socket or device)")); continue
+                if not os.access(e.path, os.R_OK): raise PermissionError(errno.EACCES, "Permission denied", e.path)
+                out.files.append((rel, st))
+            except OSError as err:
+                out.skipped.append((rel, f"cannot be read: {_ERRNO_ADVICE.get(err.errno) or err.strerror or err}"))
+    out.files.sort(key=lambda f: f[0]); out.ignored.sort(); out.skipped.sort()
+    return out
+
 # %% ../nbs/00_core.ipynb #4be31701
 KELLY_HOME_ENV = "KELLY_HOME"  # environment variable that overrides the default home
 
@@ -270,7 +410,7 @@ def kelly_home(create: bool = True,  # make the folder if it does not exist
     "kelly's data folder: `$KELLY_HOME` if set, else `default_kelly_home()`."
     env = os.environ.get(KELLY_HOME_ENV, "").strip()
     home = Path(env).expanduser() if env else default_kelly_home()
-    if create: home.mkdir(parents=True, exist_ok=True)
+    if create: ensure_folder(home, KELLY_HOME_ENV if env else "kelly's home folder")
     return home
 
 def kelly_path(*parts: str,  # sub-folder names
@@ -278,7 +418,7 @@ def kelly_path(*parts: str,  # sub-folder names
                ) -> Path:
     "A sub-folder of `kelly_home()`, e.g. `kelly_path('corpora', 'bach')`."
     p = kelly_home(create=create).joinpath(*parts)
-    if create: p.mkdir(parents=True, exist_ok=True)
+    if create: ensure_folder(p)
     return p
 
 # %% ../nbs/00_core.ipynb #99b8a952
@@ -373,8 +513,9 @@ def setup_logging(level: int | str = "INFO",  # level name or number
         logger.removeHandler(h); h.close()
     handlers = [logging.StreamHandler(stream or sys.stderr)]
     if log_file is not None:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+        ensure_folder(Path(log_file).parent, "log file folder")
+        try: handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+        except OSError as e: raise KellyError(f"log file: {os_error_message(e)}") from e
     for h in handlers:
         h.setFormatter(logging.Formatter(LOG_FORMAT))
         setattr(h, _KELLY_HANDLER_ATTR, True)
