@@ -45,7 +45,7 @@ from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 
 from . import __version__
-from .core import (Config, ConfigError, KellyError, atomic_write, ensure_folder, pick_device, process_alive, sha256_file,
+from .core import (Config, ConfigError, KellyError, atomic_write, ensure_folder, not_a_file, pick_device, process_alive, sha256_file,
                         umask_mode, write_json)
 from .midi import (DEFAULT_QPM, DEFAULT_TIME_SIGNATURE, MIDI_MAX, TEMPO_DTYPE, TIME_SIGNATURE_DTYPE, Music, RepairReport,
                         Track, bars, repair, save_midi)
@@ -881,6 +881,7 @@ class AudioCodes:
              ) -> "AudioCodes":
         "Read a codes file (no pickles); anything else raises `ExportError` naming the file."
         path = Path(path)
+        if not_a_file(path): raise ExportError(f"{str(path)!r} {not_a_file(path)}")
         if not path.is_file(): raise ExportError(f"{path}: no such codes file")
         try:
             with np.load(path, allow_pickle=False) as z:
