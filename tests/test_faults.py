@@ -50,21 +50,23 @@ def places(tmp_path_factory):
     (base/"a-file").write_text("I am a file")
     out = {"file": base/"a-file", "under_file": base/"a-file"/"sub", "_base": base, "_why": {}}
     mounts = []
-    why = _mount_tmpfs(base/"ro", "ro", "size=64k")
-    if why is None: out["read_only"] = base/"ro"/"out"; mounts.append(base/"ro")
-    else: out["_why"]["read_only"] = why
-    why = _mount_tmpfs(base/"full", f"size={FULL_DISK_BYTES}")
-    if why is None:
-        mounts.append(base/"full")
-        fd = os.open(base/"full"/"filler", os.O_WRONLY | os.O_CREAT)   # fill it: every byte of data written from now on fails
-        try:
-            while os.write(fd, b"\0" * 4096): pass
-        except OSError: pass
-        finally: os.close(fd)
-        out["full"] = base/"full"/"out"
-    else: out["_why"]["full"] = why
-    yield out
-    for m in mounts: _umount(m)
+    try:   # unmounted whatever happens, also when making a place fails half-way
+        why = _mount_tmpfs(base/"ro", "ro", "size=64k")
+        if why is None: out["read_only"] = base/"ro"/"out"; mounts.append(base/"ro")
+        else: out["_why"]["read_only"] = why
+        why = _mount_tmpfs(base/"full", f"size={FULL_DISK_BYTES}")
+        if why is None:
+            mounts.append(base/"full")
+            fd = os.open(base/"full"/"filler", os.O_WRONLY | os.O_CREAT)   # fill it: every byte of data written from now on fails
+            try:
+                while os.write(fd, b"\0" * 4096): pass
+            except OSError: pass
+            finally: os.close(fd)
+            out["full"] = base/"full"/"out"
+        else: out["_why"]["full"] = why
+        yield out
+    finally:
+        for m in mounts: _umount(m)
 
 
 def _snapshot(root: Path) -> dict:
