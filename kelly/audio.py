@@ -36,7 +36,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from .core import KellyError, atomic_write, get_logger
+from .core import KellyError, atomic_write, get_logger, not_a_file
 from .midi import DEFAULT_QPM, Music, MidiError, load_midi, save_midi
 
 # %% ../nbs/03_audio.ipynb #33c70eb9
@@ -101,6 +101,7 @@ def _decode(path: Path, offset: float, duration: float | None) -> tuple[np.ndarr
     "Open, check and decode `path` to float32 samples, channels first, at the file's own rate."
     if not path.exists(): raise _audio_error(path, "file not found")
     if path.is_dir(): raise _audio_error(path, "is a folder, not an audio file")
+    if not_a_file(path): raise _audio_error(path, not_a_file(path))   # a FIFO would block the read forever
     try: f = open(path, "rb")
     except OSError as e: raise _audio_error(path, f"cannot read: {e.strerror or e}") from e
     with f:

@@ -27,7 +27,7 @@ import soxr
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 
-from .core import Config, ConfigError, atomic_write, get_logger, kelly_path, sha256_file, write_json
+from .core import Config, ConfigError, atomic_write, get_logger, kelly_path, sha256_file, walk_files, write_json
 from .tokenizer import MIDI_SUFFIXES, default_workers
 from .audio import (AUDIO_SUFFIXES, FLUIDSYNTH_GAIN, RENDER_SR, RESAMPLE_QUALITY, AudioError, find_fluidsynth,
                          find_soundfont, load_audio, render_midi, save_audio)
@@ -35,7 +35,7 @@ from .audio import (AUDIO_SUFFIXES, FLUIDSYNTH_GAIN, RENDER_SR, RESAMPLE_QUALITY
 from .datasets import (BACH_MANIFEST, CorpusFile, CounterRNG, DatasetError, WindowLoader, bach_chorales, reuse_or_build,
                             cache_damaged, cache_manifest, cache_offsets, check_cache_file,
                             corpus_key, split_by_piece, _check_index, _folder_lock, _progress,
-                            _read_json, _walk_files, _write_offsets)
+                            _read_json, _write_offsets)
 
 # %% ../nbs/04a_audio_datasets.ipynb #eb9248cd
 logger = get_logger("kelly.audio_datasets")   # the same logger in the notebook and in the module
@@ -167,10 +167,10 @@ class AudioCorpus:
         if not root.exists(): raise DatasetError(f"audio corpus folder {str(root)!r} does not exist")
         if not root.is_dir(): raise DatasetError(f"audio corpus folder {str(root)!r} is not a folder")
         files, other = [], []
-        for name, entry in _walk_files(root, recursive):
-            if os.path.splitext(name)[1].lower() in AUDIO_SUFFIXES:
-                st = entry.stat()
-                files.append(CorpusFile(name, st.st_size, st.st_mtime_ns))
+        walk = walk_files(root, recursive=recursive)   # no symlink cycle followed; unreadable entries logged
+        for name, why in walk.skipped: logger.warning("%s: skipped: %s", root/name, why)
+        for name, st in walk.files:
+            if os.path.splitext(name)[1].lower() in AUDIO_SUFFIXES: files.append(CorpusFile(name, st.st_size, st.st_mtime_ns))
             else: other.append(name)
         if not files:
             hint = f"; it holds {len(other)} other file(s), e.g. {sorted(other)[0]!r}" if other else " (it is empty)"

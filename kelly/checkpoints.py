@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'SIDECAR_SUFFIX', 'CallbackError', 'CheckpointError', 'checkpoint_name',
-           'sidecar_path', 'list_checkpoints', 'check_plain', 'save_checkpoint', 'load_checkpoint', 'ResumePoint',
-           'newest_valid_checkpoint', 'optimizer_state', 'load_optimizer_state', 'data_sources', 'capture_data_state',
-           'restore_data_state', 'restore_model_optimizer']
+           'sidecar_path', 'list_checkpoints', 'check_plain', 'non_finite_tensors', 'save_checkpoint',
+           'load_checkpoint', 'ResumePoint', 'newest_valid_checkpoint', 'optimizer_state', 'load_optimizer_state',
+           'data_sources', 'capture_data_state', 'restore_data_state', 'restore_model_optimizer']
 
 # %% ../nbs/11_checkpoints.ipynb #44a15717
+import io
 import logging
 import os
 import re
@@ -83,13 +84,26 @@ def check_plain(obj, where: str = "checkpoint"):
     raise CheckpointError(f"{where} holds a {type(obj).__module__}.{type(obj).__qualname__}; checkpoints store plain data only "
                           "(dict, list, tuple, str, int, float, bool, None, torch tensors) so that they load with torch.load(weights_only=True)")
 
+def non_finite_tensors(tensors: dict,  # a state dict: name -> tensor
+                       ) -> list[str]:
+    "Names of the floating-point tensors in `tensors` holding NaN or infinity (a diverged model's weights)."
+    return [k for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+def _refuse_non_finite(state: dict, path: Path):
+    bad = non_finite_tensors(state.get("model") or {}) if isinstance(state.get("model"), dict) else []
+    if bad: raise CheckpointError(f"{path}: the model weights hold NaN or infinity in {len(bad)} tensor(s) ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+                                  "a diverged model is never a checkpoint to resume or roll back to")
+
 def save_checkpoint(state: dict,  # plain data (see `check_plain`)
                     path: str | os.PathLike,  # where to write it
                     ) -> Path:
-    "Write `state` atomically to `path`, then its SHA-256 sidecar (atomically too)."
+    "Write `state` atomically to `path`, then its SHA-256 sidecar (atomically too); weights with NaN/inf are refused."
     path = Path(path)
     check_plain(state)
-    with atomic_write(path, "wb") as f: torch.save(state, f)
+    _refuse_non_finite(state, path)
+    buf = io.BytesIO()
+    torch.save(state, buf)   # serialised first: a full disk then fails as the OSError it is, not inside torch's zip writer
+    with atomic_write(path, "wb") as f: f.write(buf.getbuffer())
     digest = sha256_file(path)
     with atomic_write(sidecar_path(path)) as f: f.write(f"{digest}  {path.name}\n")
     return path
@@ -114,6 +128,7 @@ def load_checkpoint(path: str | os.PathLike,  # a checkpoint written by `save_ch
         raise CheckpointError(f"{path}: checkpoint format version {state.get('version')!r} is newer than this kelly reads ({CHECKPOINT_VERSION}); upgrade kelly")
     missing = [k for k in _REQUIRED_KEYS if k not in state]
     if missing: raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}")
+    _refuse_non_finite(state, path)
     return state
 
 class ResumePoint(NamedTuple):

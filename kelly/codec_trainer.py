@@ -35,7 +35,7 @@ from .callbacks import KellyCallback
 from .reliability import ReliabilityConfig, Rollback, is_training_fit, reliability_callbacks
 from .trainers import (BUNDLE_DIR, CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, LOG_FILE, METRICS_FILE, AccumulateGradients,
                             HistoryCSV, OptimConfig, TrainerError, TrainResult, fit_lm, run_folder, run_metrics)
-from .trainers import _agree_on_folder, _check_valid_batches, _run_log_handler
+from .trainers import _check_valid_batches, _claimed_run, _run_log_handler
 
 _log = logging.getLogger(__name__)
 
@@ -150,13 +150,14 @@ def train_codec(config: CodecTrainConfig | None = None,  # the run's settings (d
                 resume: bool | str | os.PathLike = False,  # True: continue the (named or latest) run; a path: that checkpoint
                 cbs: list | None = None,  # more callbacks
                 progress: bool = True,  # progress bars and the epoch table
+                wait: bool = False,  # when another process is writing the run folder: wait for it (False: refuse)
                 ) -> TrainResult:
     "Train a codec from `config` (in one process, or in each process of a torchrun job): run folder, metrics, quality table, reconstructions, bundle."
     config = config or CodecTrainConfig()
     if distributed:
         with distributed_session(config.device) as info:
-            return _train_codec(config, info.rank, info.world_size, info.device, resume, cbs, progress)
-    return _train_codec(config, 0, 1, pick_device(config.device), resume, cbs, progress)
+            return _train_codec(config, info.rank, info.world_size, info.device, resume, cbs, progress, wait)
+    return _train_codec(config, 0, 1, pick_device(config.device), resume, cbs, progress, wait)
 
 RECONSTRUCTIONS_DIR = "reconstructions"  # held-out reconstructions inside the run folder
 
@@ -167,43 +168,43 @@ def _held_out_clips(dls, config: CodecTrainConfig) -> tuple[list[np.ndarray], li
     picks = range(min(config.n_reconstructions, len(ds.docs)))
     return [ds.span(i, 0, min(n, int(ds.lengths[i]))) for i in picks], [Path(ds.cache.names[int(ds.docs[i])]).stem for i in picks]
 
-def _train_codec(config, rank, world_size, device, resume, cbs, progress) -> TrainResult:
+def _train_codec(config, rank, world_size, device, resume, cbs, progress, wait=False) -> TrainResult:
     main = rank == 0
-    run_dir = _agree_on_folder(run_folder(config, resume) if main else Path(), world_size)
-    config = dataclasses.replace(config, name=run_dir.name)
-    dls = audio_dataloaders(_audio_corpus(config, progress and main), config.data, rank, world_size, device=device, progress=progress and main)
-    _check_valid_batches(dls, world_size)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir/CONFIG_FILE)
-    callbacks = reliability_callbacks(config.reliability, run_dir/CHECKPOINT_DIR, resume=resume, distributed=world_size > 1, config=config)
-    callbacks.append(CodebookMonitor(config.min_perplexity, config.health_warmup))
-    if main: callbacks.append(HistoryCSV(run_dir/HISTORY_FILE, append=bool(resume)))
-    seed_everything(config.seed)
-    codec = Codec(config.model)
-    learn = codec_learner(dls, codec, loss=config.loss, optim=config.optim, cbs=[*callbacks, *(cbs or [])], path=run_dir, config=config, progress=progress)
-    handler = _run_log_handler(run_dir/LOG_FILE) if main else None
-    try:
-        _log.info("training a %s codec (%.2fM parameters, %.2f kbit/s) on %s, %d process(es), run folder %s", config.model.arch,
-                  codec.n_params() / 1e6, config.model.bitrate / 1000, device, world_size, run_dir)
-        start = time.perf_counter()
-        fit_lm(learn, config.optim)
-        metrics = run_metrics(learn, time.perf_counter() - start)
-        model = get_model(learn.model)
-        metrics.update(world_size=world_size, codebook_health=model.quantizer.health(), collapses=learn.codebook_monitor.events)
-        bundle = None
+    with _claimed_run(config, resume, rank, world_size, wait) as run_dir:
+        config = dataclasses.replace(config, name=run_dir.name)
+        dls = audio_dataloaders(_audio_corpus(config, progress and main), config.data, rank, world_size, device=device, progress=progress and main)
+        _check_valid_batches(dls, world_size)
         if main:
-            metrics["quality"] = codec_quality(model, dls.valid, max_batches=config.eval_batches)
-            _log.info("held-out quality by number of codebooks:\n%s", format_quality(metrics["quality"]))
-            if config.n_reconstructions:
-                clips, names = _held_out_clips(dls, config)
-                write_reconstructions(model, clips, run_dir/RECONSTRUCTIONS_DIR, names=names)
-            write_json(run_dir/METRICS_FILE, metrics)
-            bundle = save_bundle(run_dir/BUNDLE_DIR, model, metadata=_codec_bundle_metadata(config, run_dir, metrics), overwrite=True)
-        _log.info("finished: %s", ", ".join(f"{k} {metrics[k]:.4g}" for k in ("valid_loss", "mel_l1_db", "chroma_corr") if metrics.get(k) is not None))
-    finally:
-        if handler is not None: logging.getLogger("kelly").removeHandler(handler); handler.close()
-    return TrainResult(learn, run_dir, metrics, bundle)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config.save(run_dir/CONFIG_FILE)
+        callbacks = reliability_callbacks(config.reliability, run_dir/CHECKPOINT_DIR, resume=resume, distributed=world_size > 1, config=config)
+        callbacks.append(CodebookMonitor(config.min_perplexity, config.health_warmup))
+        if main: callbacks.append(HistoryCSV(run_dir/HISTORY_FILE, append=bool(resume)))
+        seed_everything(config.seed)
+        codec = Codec(config.model)
+        learn = codec_learner(dls, codec, loss=config.loss, optim=config.optim, cbs=[*callbacks, *(cbs or [])], path=run_dir, config=config, progress=progress)
+        handler = _run_log_handler(run_dir/LOG_FILE) if main else None
+        try:
+            _log.info("training a %s codec (%.2fM parameters, %.2f kbit/s) on %s, %d process(es), run folder %s", config.model.arch,
+                      codec.n_params() / 1e6, config.model.bitrate / 1000, device, world_size, run_dir)
+            start = time.perf_counter()
+            fit_lm(learn, config.optim)
+            metrics = run_metrics(learn, time.perf_counter() - start)
+            model = get_model(learn.model)
+            metrics.update(world_size=world_size, codebook_health=model.quantizer.health(), collapses=learn.codebook_monitor.events)
+            bundle = None
+            if main:
+                metrics["quality"] = codec_quality(model, dls.valid, max_batches=config.eval_batches)
+                _log.info("held-out quality by number of codebooks:\n%s", format_quality(metrics["quality"]))
+                if config.n_reconstructions:
+                    clips, names = _held_out_clips(dls, config)
+                    write_reconstructions(model, clips, run_dir/RECONSTRUCTIONS_DIR, names=names)
+                write_json(run_dir/METRICS_FILE, metrics)
+                bundle = save_bundle(run_dir/BUNDLE_DIR, model, metadata=_codec_bundle_metadata(config, run_dir, metrics), overwrite=True)
+            _log.info("finished: %s", ", ".join(f"{k} {metrics[k]:.4g}" for k in ("valid_loss", "mel_l1_db", "chroma_corr") if metrics.get(k) is not None))
+        finally:
+            if handler is not None: logging.getLogger("kelly").removeHandler(handler); handler.close()
+        return TrainResult(learn, run_dir, metrics, bundle)
 
 def _codec_bundle_metadata(config: CodecTrainConfig, run_dir: Path, metrics: dict) -> dict:
     "What a codec run's bundle records about its training."

@@ -31,7 +31,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastprogress.fastprogress import progress_bar
 
-from .core import Config, ConfigError, KellyError, atomic_write, get_logger, kelly_path, sha256_file, write_json
+from .core import Config, ConfigError, KellyError, atomic_write, get_logger, kelly_path, sha256_file, walk_files, write_json
 from .tokenizer import MIDI_SUFFIXES, Tokenizer, default_workers, tokenize_files
 
 # %% ../nbs/04_datasets.ipynb #12a88afc
@@ -193,8 +193,9 @@ class MidiCorpus:
     "The MIDI files of a folder, in sorted order, and the names of the other files found there."
     def __init__(self, root: Path,  # the corpus folder
                  files: Sequence[CorpusFile],  # its MIDI files
-                 ignored: Sequence[str] = ()):  # other (non-hidden) files found, by relative name
-        self.root, self.files, self.ignored = Path(root), list(files), list(ignored)
+                 ignored: Sequence[str] = (),  # other (non-hidden) files found, by relative name
+                 unreadable: Sequence[tuple[str, str]] = ()):  # (relative name, reason) of entries the walk could not read (symlink loops, no permission, FIFOs)
+        self.root, self.files, self.ignored, self.unreadable = Path(root), list(files), list(ignored), [tuple(u) for u in unreadable]
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike,  # folder of MIDI files
@@ -203,18 +204,15 @@ class MidiCorpus:
         root = Path(folder).expanduser()
         if not root.exists(): raise DatasetError(f"corpus folder {root} does not exist")
         if not root.is_dir(): raise DatasetError(f"corpus folder {root} is not a folder")
-        files, ignored = [], []
-        for name, entry in _walk_files(root, recursive):
-            if os.path.splitext(name)[1].lower() in MIDI_SUFFIXES:
-                st = entry.stat()
-                files.append(CorpusFile(name, st.st_size, st.st_mtime_ns))
-            else: ignored.append(name)
+        walk = walk_files(root, MIDI_SUFFIXES, recursive=recursive)   # no symlink cycle followed; unreadable entries listed
+        files = [CorpusFile(name, st.st_size, st.st_mtime_ns) for name, st in walk.files]
         if not files:
             where = "or its sub-folders " if recursive else ""
-            other = f"; it holds {len(ignored)} other file(s), e.g. {sorted(ignored)[0]}" if ignored else " (it is empty)"
-            raise DatasetError(f"corpus folder {root} {where}holds no MIDI files (names ending in {', '.join(MIDI_SUFFIXES)}){other}")
-        files.sort(key=lambda f: f.name)
-        return cls(root, files, sorted(ignored))
+            other = f"; it holds {len(walk.ignored)} other file(s), e.g. {walk.ignored[0]}" if walk.ignored else (" (it is empty)" if not walk.skipped else "")
+            bad = f"; {len(walk.skipped)} entr{'y' if len(walk.skipped) == 1 else 'ies'} could not be read (first: {walk.skipped[0][0]}: {walk.skipped[0][1]})" if walk.skipped else ""
+            raise DatasetError(f"corpus folder {root} {where}holds no MIDI files (names ending in {', '.join(MIDI_SUFFIXES)}){other}{bad}")
+        for name, why in walk.skipped: logger.warning("%s: skipped: %s", root/name, why)
+        return cls(root, files, walk.ignored, walk.skipped)
 
     @property
     def paths(self) -> list[Path]:
@@ -228,18 +226,6 @@ class MidiCorpus:
 
     def __len__(self): return len(self.files)
     def __repr__(self): return f"MidiCorpus({str(self.root)!r}, {len(self.files)} MIDI files, {len(self.ignored)} ignored)"
-
-def _walk_files(root: Path, recursive: bool):
-    "`(relative name, os.DirEntry)` of every non-hidden file under `root` (symlinks to files included)."
-    stack = [("", str(root))]
-    while stack:
-        prefix, folder = stack.pop()
-        with os.scandir(folder) as it:
-            for e in it:
-                if e.name.startswith("."): continue
-                if e.is_dir():
-                    if recursive: stack.append((f"{prefix}{e.name}/", e.path))
-                elif e.is_file(): yield prefix + e.name, e
 
 # %% ../nbs/04_datasets.ipynb #3bd42759
 def split_by_piece(names: Sequence[str],  # file names (e.g. `MidiCorpus.names` or `TokenCache.names`)
@@ -487,7 +473,7 @@ def _stale_reason(m: dict, tokenizer, key: str, index: dict) -> str | None:
 def _build_cache(folder: Path, corpus: MidiCorpus, tokenizer, index: dict, workers: int | None, progress: bool):
     "Tokenize `corpus` into `folder`: stream ids to a temporary file, then publish data files and, last, the manifest."
     dtype = token_dtype(tokenizer.vocab_size)
-    docs, skipped, offsets, digest = [], [], [0], hashlib.sha256()
+    docs, skipped, offsets, digest = [], [list(u) for u in corpus.unreadable], [0], hashlib.sha256()   # unreadable entries head the report
     fd, tmp = tempfile.mkstemp(prefix=".tokens-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -518,7 +504,7 @@ def _build_cache(folder: Path, corpus: MidiCorpus, tokenizer, index: dict, worke
     write_json(folder/TOKEN_CACHE_MANIFEST, manifest)
     for p in folder.glob("*-*.*"):   # data files of earlier builds; open maps of them stay valid on POSIX
         if p.name.startswith(("tokens-", "offsets-")) and p.name not in (tokens_file, offsets_file): p.unlink(missing_ok=True)
-    if skipped: logger.warning("skipped %d of %d MIDI files in %s that could not be read; see %s", len(skipped), len(corpus), corpus.root, folder/TOKEN_CACHE_REPORT)
+    if skipped: logger.warning("skipped %d of %d MIDI files in %s that could not be read; see %s", len(skipped), len(corpus) + len(corpus.unreadable), corpus.root, folder/TOKEN_CACHE_REPORT)
     logger.info("tokenized %d files (%d tokens) from %s into %s", len(docs), n_tokens, corpus.root, folder)
 
 def _checked_ids(ids, vocab_size: int, path: Path) -> np.ndarray:

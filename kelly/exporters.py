@@ -17,6 +17,7 @@ __all__ = ['MIDI_TPQ', 'PIANO_ROLL_SIZE', 'PIANO_ROLL_DPI', 'NOTE_HEIGHT', 'MIN_
            'load_prior']
 
 # %% ../nbs/09_exporters.ipynb #059f666c
+import dataclasses
 import datetime
 import hashlib
 import io
@@ -45,7 +46,8 @@ from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 
 from . import __version__
-from .core import Config, ConfigError, KellyError, atomic_write, pick_device, sha256_file, write_json
+from .core import (Config, ConfigError, KellyError, atomic_write, ensure_folder, not_a_file, pick_device, process_alive, sha256_file,
+                        umask_mode, write_json)
 from .midi import (DEFAULT_QPM, DEFAULT_TIME_SIGNATURE, MIDI_MAX, TEMPO_DTYPE, TIME_SIGNATURE_DTYPE, Music, RepairReport,
                         Track, bars, repair, save_midi)
 from .audio import load_audio, resample
@@ -152,6 +154,8 @@ def ids_to_midi(tokenizer: Tokenizer,  # the tokenizer the ids come from
     music, decoded = tokenizer.decode_with_report(ids)
     return _write(music, path, tpq, piano_roll, decoded)
 
+_STAGE_SUFFIX = ".tmp"  # hidden staging folder of an export inside its output folder
+
 def export_pieces(tokenizer: Tokenizer,  # the tokenizer the ids come from
                   sequences,  # a `kelly.samplers.Generation`, or an iterable of id sequences
                   *,
@@ -160,15 +164,28 @@ def export_pieces(tokenizer: Tokenizer,  # the tokenizer the ids come from
                   piano_rolls: bool = True,  # also draw `<prefix>-000.png`, ...
                   tpq: int = MIDI_TPQ,  # ticks per quarter of the files
                   ) -> list[MidiExport]:
-    "Write one MIDI file (and piano roll) per sequence into `out_dir`; what `kelly generate` calls."
+    "Write one MIDI file (and piano roll) per sequence into `out_dir`, all or none: staged in a hidden folder, then published; what `kelly generate` calls."
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    created = not out_dir.exists()
+    ensure_folder(out_dir, "output folder")
     seqs = sequences.sequences() if hasattr(sequences, "sequences") else sequences
-    results = []
-    for i, ids in enumerate(seqs):
-        stem = out_dir/f"{prefix}-{i:03d}"
-        results.append(ids_to_midi(tokenizer, ids, path=stem.with_suffix(".mid"), tpq=tpq, piano_roll=stem.with_suffix(".png") if piano_rolls else None))
-    return results
+    stage = Path(tempfile.mkdtemp(prefix=f".{prefix}.{os.getpid()}.", suffix=_STAGE_SUFFIX, dir=out_dir))
+    try:
+        staged = []
+        for i, ids in enumerate(seqs):
+            stem = stage/f"{prefix}-{i:03d}"
+            staged.append(ids_to_midi(tokenizer, ids, path=stem.with_suffix(".mid"), tpq=tpq, piano_roll=stem.with_suffix(".png") if piano_rolls else None))
+        results = []
+        for e in staged:   # renames within one folder: no new data is written, so a full disk cannot stop them halfway
+            for f in (e.path, e.piano_roll):
+                if f is not None: os.chmod(f, umask_mode()); os.replace(f, out_dir/f.name)
+            results.append(dataclasses.replace(e, path=out_dir/e.path.name, piano_roll=out_dir/e.piano_roll.name if e.piano_roll else None))
+        return results
+    except BaseException:
+        if created: shutil.rmtree(out_dir, ignore_errors=True)   # made for this export: nothing of it stays
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 # %% ../nbs/09_exporters.ipynb #9a71343f
 PIANO_ROLL_SIZE = (12.0, 4.0)  # width and height of a piano roll, in inches
@@ -372,7 +389,11 @@ def _write_bundle_files(folder: Path, model: torch.nn.Module, kind: BundleKind, 
     "Every file of a format-2 bundle, into an empty `folder`."
     header = {"format": "pt", "kelly.model": type(model).__name__, "kelly.kind": kind.name, WEIGHTS_CONFIG_KEY: _config_json(model.config)}
     if tokenizer is not None: header[WEIGHTS_TOKENIZER_KEY] = tokenizer.hash
-    safetensors.torch.save_model(model, str(folder/WEIGHTS_FILE), metadata=header)
+    try: safetensors.torch.save_model(model, str(folder/WEIGHTS_FILE), metadata=header)
+    except Exception as e:   # safetensors reports a failed write (a full disk) as its own error: give it back as the OSError it is
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None: raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(folder/WEIGHTS_FILE)) from e
     _fsync(folder/WEIGHTS_FILE)
     write_json(folder/CONFIG_FILE, model.config.to_dict())
     if tokenizer is not None: tokenizer.save(folder/TOKENIZER_FILE)
@@ -385,6 +406,8 @@ def _write_bundle_files(folder: Path, model: torch.nn.Module, kind: BundleKind, 
     if kind.summary is not None: manifest[kind.name] = _plain(kind.summary(model), kind.name)
     manifest["files"] = {name: {"bytes": (folder/name).stat().st_size, "sha256": sha256_file(folder/name)} for name in kind.files}
     with atomic_write(folder/MANIFEST_FILE) as f: f.write(_manifest_text(manifest))
+    for f in folder.iterdir(): os.chmod(f, umask_mode())   # shared models stay readable as the umask allows (mkdtemp's 0700, safetensors' 0600)
+    os.chmod(folder, umask_mode(folder=True))
     _fsync(folder)
 
 def _publish(tmp: Path, path: Path):
@@ -392,7 +415,7 @@ def _publish(tmp: Path, path: Path):
     if not path.exists():
         os.replace(tmp, path)
     else:
-        old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{_OLD_SUFFIX}")
+        old = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_OLD_SUFFIX}")
         os.replace(path, old)
         try: os.replace(tmp, path)
         except BaseException:
@@ -400,11 +423,17 @@ def _publish(tmp: Path, path: Path):
         shutil.rmtree(old, ignore_errors=True)
     _fsync(path.parent)
 
+def _writer_alive(leftover: Path, name: str) -> bool:
+    "Whether the process that named `leftover` (`.<name>.<pid>.<random>.tmp`) still runs: its folder is then not a leftover."
+    pid = leftover.name[len(name) + 2:].split(".", 1)[0]
+    return pid.isdigit() and process_alive(int(pid))
+
 def _remove_leftovers(path: Path):
-    "Delete what killed saves of the bundle at `path` left beside it (logged): temporary folders, and old bundles once `path` exists."
+    "Delete what killed saves of the bundle at `path` left beside it (logged): temporary folders, and old bundles once `path` exists; never a live process's."
     stale = list(path.parent.glob(f".{path.name}.*{_TMP_SUFFIX}"))
     if path.is_dir(): stale += path.parent.glob(f".{path.name}.*{_OLD_SUFFIX}")  # (without `path`, an old one is the only copy)
     for f in stale:
+        if _writer_alive(f, path.name): continue
         if f.is_dir():
             _log.warning("removing %s, left by an interrupted save of %s", f, path)
             shutil.rmtree(f, ignore_errors=True)
@@ -436,7 +465,7 @@ def save_bundle(path: str | os.PathLike,  # the bundle folder to create
         if not (path.is_dir() and (path/MANIFEST_FILE).is_file()): raise BundleError(f"{path}: exists and is not a kelly bundle; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX, dir=path.parent))
     try:
         _write_bundle_files(tmp, model, kind, tokenizer, meta)
         _publish(tmp, path)
@@ -855,6 +884,7 @@ class AudioCodes:
              ) -> "AudioCodes":
         "Read a codes file (no pickles); anything else raises `ExportError` naming the file."
         path = Path(path)
+        if not_a_file(path): raise ExportError(f"{str(path)!r} {not_a_file(path)}")
         if not path.is_file(): raise ExportError(f"{path}: no such codes file")
         try:
             with np.load(path, allow_pickle=False) as z:

@@ -22,7 +22,7 @@ import miditoolkit
 import numpy as np
 import symusic
 
-from .core import KellyError, atomic_write
+from .core import KellyError, atomic_write, not_a_file
 
 try:
     import numba
@@ -426,6 +426,8 @@ def load_midi(path: str | os.PathLike,  # a .mid/.midi file
               ) -> Music:
     "Load a standard MIDI file (type 0, 1 or 2) into `Music`; unreadable or corrupt files raise `MidiError` naming the file."
     path = Path(path)
+    why = not_a_file(path)   # a FIFO would block the read forever
+    if why: raise MidiError(f"{str(path)!r} {why}")
     try:
         data = path.read_bytes()
     except OSError as e:

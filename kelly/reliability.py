@@ -29,7 +29,7 @@ from torch import nn
 
 import kelly
 from .core import Config, ConfigError, capture_rng_state, restore_rng_state, flatten_dict
-from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CallbackError, CheckpointError, _TEMP_RE,
+from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CallbackError, CheckpointError, _TEMP_RE, non_finite_tensors,
                                _has_state_protocol, _sort_key, capture_data_state, checkpoint_name, list_checkpoints,
                                load_checkpoint, newest_valid_checkpoint, optimizer_state, restore_data_state,
                                restore_model_optimizer, save_checkpoint, sidecar_path)
@@ -165,11 +165,12 @@ class Checkpoint(KellyCallback):
 
     def after_epoch(self):
         if not self._trained_epoch: return   # fastai fires after_epoch for skipped epochs too: nothing to save
+        previous = self.best
         if self.monitor is not None:
             v = _monitored_value(self.learn, self.monitor)
             if v is not None and math.isfinite(v) and (self.best["value"] is None or (v < self.best["value"] if self.mode == "min" else v > self.best["value"])):
                 self.best = {"name": checkpoint_name(self.learn.train_iter, True), "value": v, "step": int(self.learn.train_iter), "epoch": self.learn.epoch + 1}
-        self._save(epoch_end=True)
+        if self._save(epoch_end=True) is False: self.best = previous   # refused (non-finite weights): not the best either
 
     # --- saving
     def _accumulating(self) -> bool:
@@ -205,12 +206,17 @@ class Checkpoint(KellyCallback):
             return
         self._deferred = False
         state = self.training_state(epoch_end)
-        if state is not None:
+        bad = non_finite_tensors(state["model"]) if state is not None else []
+        if bad:   # a diverged model is never saved as a good state (a rollback would restore it)
+            _log.warning("step %d: no checkpoint saved: the weights hold NaN or infinity in %d tensor(s) (%s); the newest finite checkpoint stays the one to go back to",
+                         self.learn.train_iter, len(bad), ", ".join(bad[:3]))
+        elif state is not None:
             path = save_checkpoint(state, self.directory/checkpoint_name(self.learn.train_iter, epoch_end))
             self.saved.append(path)
             _log.info("saved checkpoint %s (epoch %d, batch %d, step %d)", path, state["position"]["epoch"], state["position"]["batch"], self.learn.train_iter)
             self._prune(path)
         distrib_barrier()   # the file is complete before any rank could read it (a rollback does)
+        return not bad
 
     def _remove_stale_temp_files(self):
         "A process killed while writing leaves `atomic_write`'s temp file behind (the rename never happened): remove it."

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SamplerError', 'SamplingConfig', 'top_k_top_p', 'filter_logits_reference', 'draw', 'apply_repetition_penalty',
            'repetition_penalty_reference', 'TokenSampler', 'grammar_forbidden', 'PositionRule', 'midi_prompt',
-           'attention_window', 'stream', 'Generation', 'generate']
+           'attention_window', 'stream', 'decoding_bytes', 'Generation', 'generate']
 
 # %% ../nbs/08_samplers.ipynb #66b7ff01
 import dataclasses
@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .core import Config, ConfigError, KellyError
+from .core import Config, ConfigError, KellyError, check_memory
 from .tokenizer import Tokenizer
 from .models import IncrementalDecoder, MusicTransformer
 
@@ -251,7 +251,10 @@ def midi_prompt(tokenizer: Tokenizer,  # encodes the file
                 ) -> np.ndarray:
     "Token ids (int64) of a MIDI file to continue: bos and the piece, without its final eos."
     if max_tokens is not None and max_tokens < 1: raise SamplerError(f"max_tokens must be at least 1, got {max_tokens}")
-    ids = np.asarray(tokenizer.encode_file(path, add_special=True), dtype=np.int64)
+    try: ids = np.asarray(tokenizer.encode_file(path, add_special=True), dtype=np.int64)
+    except KellyError as e:   # every stage's refusal names the prompt file
+        if str(path) in str(e): raise
+        raise SamplerError(f"prompt {str(path)!r}: {e}") from e
     eos = np.flatnonzero(ids == int(tokenizer.eos_id))
     if len(eos): ids = ids[:eos[0]]
     return ids[:max_tokens] if max_tokens is not None else ids
@@ -300,7 +303,25 @@ def stream(model: MusicTransformer,  # the language model
     bar_id = tokenizer.bar_id if c.bars else None
     sampler = TokenSampler(c, B, vocab_size=model.config.vocab_size, forbidden=forbidden, generator=generator, device=device,
                            positions=positions, eos_id=eos_id, bar_id=bar_id)
+    _check_decoding_memory(model, c, ids.shape[0], ids.shape[1], device)
     return _decode(model, ids, c, sampler, eos, pad)     # everything above is checked now; decoding starts on iteration
+
+def decoding_bytes(model: MusicTransformer,  # its config sizes the KV cache
+                   config: SamplingConfig,  # `max_new_tokens`, `window`, `use_cache`
+                   batch_size: int,  # sequences decoded together
+                   prompt_length: int = 1,  # tokens of prompt
+                   ) -> int:
+    "Bytes decoding allocates up front: the KV cache (its window, or every position), or the uncached decoder's token buffer."
+    total = prompt_length + config.max_new_tokens
+    if not config.use_cache: return batch_size * total * torch.tensor([], dtype=torch.long).element_size()
+    m, capacity = model.config, attention_window(model, config, prompt_length) or total
+    return m.n_layers * batch_size * 2 * m.n_heads * capacity * m.head_dim * next(model.parameters()).element_size()
+
+def _check_decoding_memory(model, c: SamplingConfig, batch_size: int, prompt_length: int, device):
+    what = (f"decoding {batch_size} sequence(s) of {prompt_length} + {c.max_new_tokens} tokens " +
+            ("(the KV cache)" if c.use_cache else "(the token buffer)"))
+    check_memory(decoding_bytes(model, c, batch_size, prompt_length), device, what,
+                 "lower max_new_tokens or the number of pieces, or keep a sliding window (window=null: the model's max_len)")
 
 def _decode(model, ids, c, sampler, eos, pad) -> Iterator[torch.Tensor]:
     "The decoding loop behind `stream`."

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 from fastcore.basics import patch
 
-from .core import Config, ConfigError, KellyError, atomic_write
+from .core import Config, ConfigError, KellyError, atomic_write, walk_files
 from .midi import (DEFAULT_QPM, DEFAULT_TIME_SIGNATURE, DRUM_PROGRAM, MIDI_MAX, NOTE_DTYPE, TEMPO_DTYPE,
                         TIME_SIGNATURE_DTYPE, MidiError, Music, Track, bar_length, bars, grid_offsets, load_midi,
                         nearest_values, snap_onsets, snap_time_signatures)
@@ -951,6 +951,8 @@ def _roundtrip_job(path: str):
 def _pool_map(tokenizer: Tokenizer, fn, jobs: list, workers: int | None) -> Iterator:
     "`fn` over `jobs` in input order: in this process for one worker, else in a process pool."
     global _worker_tokenizer
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise TokenizerError(f"workers must be a whole number of processes, at least 1 (or None: every core), got {workers!r}")
     workers = max(1, min(workers or default_workers(), len(jobs)))
     if workers == 1:
         previous, _worker_tokenizer = _worker_tokenizer, tokenizer
@@ -976,10 +978,12 @@ def tokenize_files(tokenizer: Tokenizer,  # the tokenizer to use
 def midi_files(folder: str | os.PathLike,  # where to look (recursively)
                suffixes: tuple[str, ...] = MIDI_SUFFIXES,  # file endings that count as MIDI
                ) -> list[Path]:
-    "The MIDI files under `folder`, sorted; a missing folder raises `TokenizerError`."
+    "The MIDI files under `folder`, sorted (`kelly.core.walk_files`: no symlink cycle followed, unreadable entries logged); a missing folder raises `TokenizerError`."
     folder = Path(folder)
-    if not folder.is_dir(): raise TokenizerError(f"{folder}: not a folder")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if not folder.is_dir(): raise TokenizerError(f"{str(folder)!r}: not a folder")
+    walk = walk_files(folder, suffixes)
+    for name, why in walk.skipped: _log.warning("%s: skipped: %s", folder/name, why)
+    return [folder/name for name, _ in walk.files]
 
 # %% ../nbs/02_tokenizer.ipynb #8f508476
 @dataclass
@@ -989,6 +993,7 @@ class RoundtripReport:
     total: int = 0  # notes in the quantized references
     n_files: int = 0  # files read
     failed: list = field(default_factory=list)  # (path, reason) for files that could not be loaded
+    skipped: list = field(default_factory=list)  # (path, reason) for entries of the folder that could not be read at all (symlink loops, no permission, FIFOs)
     imperfect: list = field(default_factory=list)  # (path, matched, total) for files below 100%
     changes: EncodeReport = field(default_factory=EncodeReport)  # what quantizing to the vocabulary changed, summed
 
@@ -997,13 +1002,21 @@ class RoundtripReport:
         "100 * matched / total (100.0 when there are no notes)."
         return 100.0 * self.matched / self.total if self.total else 100.0
 
+    @property
+    def ok(self) -> bool:
+        "True only when files were checked, none failed or was skipped, and every note came back."
+        return self.n_files > len(self.failed) and not self.failed and not self.skipped and self.matched == self.total
+
     def summary(self) -> str:
-        "The line the CLI prints: `roundtrip: <matched>/<total> notes (<percent>%)`."
-        return f"roundtrip: {self.matched}/{self.total} notes ({self.percent:.2f}%)"
+        "The line the CLI prints: `roundtrip: <matched>/<total> notes (<percent>%) in <read> of <n> file(s); <f> failed, <s> skipped`."
+        share = f"{self.percent:.2f}%" if self.total else "no notes"
+        return (f"roundtrip: {self.matched}/{self.total} notes ({share}) in {self.n_files - len(self.failed)} of {self.n_files + len(self.skipped)} file(s); "
+                f"{len(self.failed)} failed, {len(self.skipped)} skipped")
 
     def lines(self) -> list[str]:
-        "The summary, then one line per file that failed to load (its reason names it)."
-        return [self.summary()] + [reason if str(path) in reason else f"{path}: {reason}" for path, reason in self.failed]
+        "The summary, then one line per file that failed to load or was skipped (naming it and why)."
+        return ([self.summary()] + [reason if str(path) in reason else f"{path}: {reason}" for path, reason in self.failed]
+                + [f"{str(path)!r}: skipped: {reason}" for path, reason in self.skipped])
 
 def check_roundtrip(source: str | os.PathLike | Iterable[str | os.PathLike],  # a folder (searched recursively) or files
                     tokenizer: Tokenizer | None = None,  # default: `Tokenizer()`
@@ -1011,8 +1024,12 @@ def check_roundtrip(source: str | os.PathLike | Iterable[str | os.PathLike],  # 
                     ) -> RoundtripReport:
     "Round-trip fidelity of every MIDI file in `source`, and the files that failed to load, with reasons."
     tokenizer = tokenizer or Tokenizer()
-    paths = midi_files(source) if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
     report = RoundtripReport()
+    if isinstance(source, (str, os.PathLike)):
+        if not Path(source).is_dir(): raise TokenizerError(f"{str(source)!r}: not a folder")
+        walk = walk_files(source, MIDI_SUFFIXES)
+        paths, report.skipped = [Path(source)/n for n, _ in walk.files], [(Path(source)/n, why) for n, why in walk.skipped]
+    else: paths = [Path(p) for p in source]
     for path, result, error in _pool_map(tokenizer, _roundtrip_job, [str(p) for p in paths], workers):
         report.n_files += 1
         if error is not None:

@@ -4,19 +4,22 @@
 
 # %% auto #0
 __all__ = ['METRIC_SUMS', 'RUNS_DIR', 'MONITORABLE', 'RUN_NAME_FORMAT', 'CHECKPOINT_DIR', 'CONFIG_FILE', 'TOKENIZER_FILE',
-           'HISTORY_FILE', 'METRICS_FILE', 'LOG_FILE', 'BUNDLE_DIR', 'TrainerError', 'OptimConfig',
-           'AccumulateGradients', 'ProgressThroughput', 'DistributedMetrics', 'HistoryCSV', 'lm_learner', 'fit_lm',
-           'TrainConfig', 'runs_folder', 'latest_run', 'run_folder', 'TrainResult', 'run_metrics', 'train',
-           'bundled_weights']
+           'HISTORY_FILE', 'METRICS_FILE', 'LOG_FILE', 'BUNDLE_DIR', 'MAX_RUNS_PER_SECOND', 'RUN_LOCK_FILE',
+           'TrainerError', 'OptimConfig', 'AccumulateGradients', 'ProgressThroughput', 'DistributedMetrics',
+           'HistoryCSV', 'lm_learner', 'fit_lm', 'TrainConfig', 'runs_folder', 'latest_run', 'run_folder',
+           'claim_run_folder', 'RunLock', 'TrainResult', 'run_metrics', 'train', 'bundled_weights']
 
 # %% ../nbs/12_trainers.ipynb #e3144efd
 import csv
 import dataclasses
+import importlib
 import json
 import logging
 import math
 import os
+import shutil
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -36,7 +39,8 @@ from fastai.torch_core import get_model
 from fastcore.basics import noop
 from torch import nn
 
-from .core import LOG_FORMAT, Config, ConfigError, KellyError, atomic_write, kelly_path, pick_device, seed_everything, write_json
+from .core import (LOG_FORMAT, Config, ConfigError, KellyError, atomic_write, check_output_folder, ensure_folder, kelly_path, pick_device, seed_everything,
+                        write_json)
 from .tokenizer import Tokenizer, TokenizerConfig
 from .datasets import LMDataConfig, bach_chorales, lm_dataloaders
 from .models import MusicTransformer, TransformerConfig
@@ -290,8 +294,61 @@ def run_folder(config: TrainConfig,  # `name` and `runs_dir` are read
         ckpt = Path(resume)
         if ckpt.parent.name == CHECKPOINT_DIR: return ckpt.parent.parent
     stamp = datetime.now().strftime(RUN_NAME_FORMAT)
-    candidates = [root/stamp] + [root/f"{stamp}-{i}" for i in range(1, 1000)]
-    return next(p for p in candidates if not p.exists())
+    return next(p for p in _new_run_names(root, stamp) if not p.exists())
+
+MAX_RUNS_PER_SECOND = 1000  # suffixes `-1` ... tried for new runs that start in the same second
+
+def _new_run_names(root: Path, stamp: str):
+    yield root/stamp
+    for i in range(1, MAX_RUNS_PER_SECOND): yield root/f"{stamp}-{i}"
+
+def claim_run_folder(config: TrainConfig,  # `name` and `runs_dir` are read
+                     resume: bool | str | os.PathLike = False,  # as for `run_folder`
+                     ) -> tuple[Path, bool]:
+    "`run_folder`'s choice, created; a new run's folder is claimed atomically (`mkdir` fails for the second of two processes). Returns it and whether it is new."
+    root = ensure_folder(check_output_folder(runs_folder(config), "runs folder"), "runs folder")   # a full or read-only disk: refused now
+    if config.name or resume: return ensure_folder(run_folder(config, resume), "run folder"), False
+    stamp = datetime.now().strftime(RUN_NAME_FORMAT)
+    for path in _new_run_names(root, stamp):
+        try: path.mkdir(); return path, True
+        except FileExistsError: continue
+    raise TrainerError(f"{root}: {MAX_RUNS_PER_SECOND} runs already started at {stamp}; name this one (--name)")
+
+# %% ../nbs/12_trainers.ipynb #84e5864e
+RUN_LOCK_FILE = ".lock"  # inside a run folder: locked by the process writing the run
+_fcntl = importlib.import_module("fcntl") if os.name == "posix" else None
+
+class RunLock:
+    "An exclusive, process-lifetime lock on a run folder (`with RunLock(run_dir): ...`); a second writer is refused or (`wait`) waits."
+    def __init__(self, run_dir: str | os.PathLike,  # the run folder (created if missing)
+                 *,
+                 wait: bool = False):  # wait for the holder to finish instead of refusing
+        self.run_dir, self.wait, self._file = Path(run_dir), wait, None
+
+    def acquire(self) -> "RunLock":
+        "Take the lock (or raise `TrainerError` naming the holder); returns self."
+        ensure_folder(self.run_dir, "run folder")
+        f = open(self.run_dir/RUN_LOCK_FILE, "a+", encoding="utf-8")
+        if _fcntl is not None:
+            try: _fcntl.flock(f, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0); holder = f.read().strip() or "another process"
+                if not self.wait:
+                    f.close()
+                    raise TrainerError(f"run folder {str(self.run_dir)!r} is in use by {holder}: wait for that run to finish, "
+                                       "pass --wait to start when it has, or choose another --name") from None
+                _log.info("run folder %s is in use by %s: waiting for it", self.run_dir, holder)
+                _fcntl.flock(f, _fcntl.LOCK_EX)
+        f.seek(0); f.truncate(); f.write(f"process {os.getpid()} (since {datetime.now():%Y-%m-%d %H:%M:%S})\n"); f.flush()
+        self._file = f
+        return self
+
+    def release(self):
+        "Give the lock up (closing the file releases it)."
+        if self._file is not None: self._file.close(); self._file = None
+
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()
 
 # %% ../nbs/12_trainers.ipynb #ab044f74
 class TrainResult(NamedTuple):
@@ -353,48 +410,67 @@ def train(config: TrainConfig | None = None,  # the run's settings (default: `Tr
           on_sample: Callable[[np.ndarray, dict], None] | None = None,  # called with each monitor sample on rank 0
           cbs: list | None = None,  # more callbacks for the learner
           progress: bool = True,  # progress bars and the epoch table
+          wait: bool = False,  # when another process is writing the run folder: wait for it (False: refuse)
           ) -> TrainResult:
     "Run a whole training job from `config` (in one process, or in each process of a torchrun job) and return the learner, run folder and metrics."
     config = config or TrainConfig()
     if distributed:
         with distributed_session(config.device) as info:
-            return _train(config, info.rank, info.world_size, info.device, resume, sample_fn, on_sample, cbs, progress)
-    return _train(config, 0, 1, pick_device(config.device), resume, sample_fn, on_sample, cbs, progress)
+            return _train(config, info.rank, info.world_size, info.device, resume, sample_fn, on_sample, cbs, progress, wait)
+    return _train(config, 0, 1, pick_device(config.device), resume, sample_fn, on_sample, cbs, progress, wait)
 
-def _train(config, rank, world_size, device, resume, sample_fn, on_sample, cbs, progress) -> TrainResult:
-    main = rank == 0
-    run_dir = _agree_on_folder(run_folder(config, resume) if main else Path(), world_size)
-    config = dataclasses.replace(config, name=run_dir.name)
-    tok = Tokenizer(config.tokenizer)
-    dls = lm_dataloaders(_corpus(config, progress and main), tok, config=config.data, rank=rank, world_size=world_size, device=device, progress=progress and main)
-    _check_valid_batches(dls, world_size)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir/CONFIG_FILE)
-        tok.save(run_dir/TOKENIZER_FILE)
-    generate = (lambda model: sample_fn(model, tok)) if sample_fn is not None else None
-    callbacks = reliability_callbacks(config.reliability, run_dir/CHECKPOINT_DIR, resume=resume, distributed=world_size > 1,
-                                      generate=generate, validity=tok.grammar.validity, on_sample=on_sample, config=config, tokenizer=tok)
-    if main: callbacks.append(HistoryCSV(run_dir/HISTORY_FILE, append=bool(resume)))
-    seed_everything(config.seed)
-    learn = lm_learner(dls, tok, model=config.model, optim=config.optim, cbs=[*callbacks, *(cbs or [])], path=run_dir, config=config, progress=progress)
-    handler = _run_log_handler(run_dir/LOG_FILE) if main else None
+@contextmanager
+def _claimed_run(config, resume, rank: int, world_size: int, wait: bool):
+    "The run folder, claimed and locked by rank 0 for the block (shared with the other ranks); a new folder the run left empty is removed."
+    if rank != 0:
+        yield _agree_on_folder(Path(), world_size)
+        return
+    run_dir, new = claim_run_folder(config, resume)
+    try: lock = RunLock(run_dir, wait=wait).acquire()
+    except BaseException:
+        if new: shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     try:
-        _log.info("training %s (%.2fM parameters) on %s, %d process(es), run folder %s", type(learn.model).__name__,
-                  learn.model.n_params() / 1e6, device, world_size, run_dir)
-        start = time.perf_counter()
-        fit_lm(learn, config.optim)
-        metrics = run_metrics(learn, time.perf_counter() - start)
-        metrics["world_size"] = world_size
-        bundle = None
+        yield _agree_on_folder(run_dir, world_size)
+    except BaseException:
+        if new and [p.name for p in run_dir.iterdir()] == [RUN_LOCK_FILE]: shutil.rmtree(run_dir, ignore_errors=True)   # nothing of it to keep
+        raise
+    finally: lock.release()
+
+def _train(config, rank, world_size, device, resume, sample_fn, on_sample, cbs, progress, wait=False) -> TrainResult:
+    main = rank == 0
+    with _claimed_run(config, resume, rank, world_size, wait) as run_dir:
+        config = dataclasses.replace(config, name=run_dir.name)
+        tok = Tokenizer(config.tokenizer)
+        dls = lm_dataloaders(_corpus(config, progress and main), tok, config=config.data, rank=rank, world_size=world_size, device=device, progress=progress and main)
+        _check_valid_batches(dls, world_size)
         if main:
-            model, metrics["bundled"] = bundled_weights(learn)
-            write_json(run_dir/METRICS_FILE, metrics)
-            bundle = save_bundle(run_dir/BUNDLE_DIR, model, tokenizer=tok, metadata=_bundle_metadata(config, run_dir, metrics), overwrite=True)
-        _log.info("finished: %s", ", ".join(f"{k} {metrics[k]:.4g}" for k in ("valid_loss", "perplexity", "token_accuracy") if metrics.get(k) is not None))
-    finally:
-        if handler is not None: logging.getLogger("kelly").removeHandler(handler); handler.close()
-    return TrainResult(learn, run_dir, metrics, bundle)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config.save(run_dir/CONFIG_FILE)
+            tok.save(run_dir/TOKENIZER_FILE)
+        generate = (lambda model: sample_fn(model, tok)) if sample_fn is not None else None
+        callbacks = reliability_callbacks(config.reliability, run_dir/CHECKPOINT_DIR, resume=resume, distributed=world_size > 1,
+                                          generate=generate, validity=tok.grammar.validity, on_sample=on_sample, config=config, tokenizer=tok)
+        if main: callbacks.append(HistoryCSV(run_dir/HISTORY_FILE, append=bool(resume)))
+        seed_everything(config.seed)
+        learn = lm_learner(dls, tok, model=config.model, optim=config.optim, cbs=[*callbacks, *(cbs or [])], path=run_dir, config=config, progress=progress)
+        handler = _run_log_handler(run_dir/LOG_FILE) if main else None
+        try:
+            _log.info("training %s (%.2fM parameters) on %s, %d process(es), run folder %s", type(learn.model).__name__,
+                      learn.model.n_params() / 1e6, device, world_size, run_dir)
+            start = time.perf_counter()
+            fit_lm(learn, config.optim)
+            metrics = run_metrics(learn, time.perf_counter() - start)
+            metrics["world_size"] = world_size
+            bundle = None
+            if main:
+                model, metrics["bundled"] = bundled_weights(learn)
+                write_json(run_dir/METRICS_FILE, metrics)
+                bundle = save_bundle(run_dir/BUNDLE_DIR, model, tokenizer=tok, metadata=_bundle_metadata(config, run_dir, metrics), overwrite=True)
+            _log.info("finished: %s", ", ".join(f"{k} {metrics[k]:.4g}" for k in ("valid_loss", "perplexity", "token_accuracy") if metrics.get(k) is not None))
+        finally:
+            if handler is not None: logging.getLogger("kelly").removeHandler(handler); handler.close()
+        return TrainResult(learn, run_dir, metrics, bundle)
 
 def bundled_weights(learn: Learner,  # after a fit, with kelly's `Checkpoint` (or without: the last weights)
                     ) -> tuple[nn.Module, dict]:

@@ -30,9 +30,9 @@ def test_tokenize_check_names_corrupt_files(tmp_path):
     (folder/"cut.mid").write_bytes(good[: len(good) // 2])
     (folder/"readme.mid").write_text("this is text")
     r = kelly("tokenize", "--check", folder, home=tmp_path/"home")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr          # three files failed: not a success
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("roundtrip: ") and lines[0].endswith("notes (100.00%)"), lines[0]
+    assert lines[0].startswith("roundtrip: ") and "notes (100.00%)" in lines[0] and lines[0].endswith("; 3 failed, 0 skipped"), lines[0]
     for name in ("flipped.mid", "cut.mid", "readme.mid"):
         assert sum(name in l for l in lines[1:]) == 1, f"{name} not reported once:\n{r.stdout}"
     assert "Traceback" not in r.stderr
@@ -212,7 +212,7 @@ def test_audio_encode_refuses_what_it_cannot_use(tmp_path):
     run = _codec_run(home/"runs", "codec", seed=0)
     (tmp_path/"notes.wav").write_text("not audio at all")
     r = kelly("audio", "encode", tmp_path/"notes.wav", "--model", run, home=home)
-    assert r.returncode == 1 and "kelly audio: error:" in r.stderr and "notes.wav" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "kelly audio encode: error:" in r.stderr and "notes.wav" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path/"notes.codes.npz").exists()
     (tmp_path/"junk.npz").write_bytes(b"not a zip")
     r = kelly("audio", "decode", tmp_path/"junk.npz", "--model", run, home=home)

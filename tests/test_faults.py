@@ -1,0 +1,306 @@
+"""Faults a user meets: every CLI command against a table of bad environments, and concurrent writers.
+
+Each case asserts the CLI's rule: a non-zero exit, one line `kelly <cmd>: error: ...` on stderr naming the path, no
+traceback, nothing that existed before changed and no partial output left. The environment table runs `kelly.cli.main`
+in this process (the function the console script calls), so the table costs the commands' own work, not a Python
+start per case; concurrency needs real processes and gets them.
+
+Bad environments, made for real (this runs as root, where permission bits do not stop writes, so "unwritable" is a
+read-only tmpfs mount): a file where a folder should be, a folder under a file, a read-only file system, a full file
+system (a small tmpfs, filled), special files (a FIFO where a file is read). Mounting needs root and a kernel that
+allows it; without, those rows are skipped with the reason.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import music21
+import numpy as np
+import pytest
+
+from conftest import ROOT, tool
+
+TEST_PRIMITIVES = Path(music21.__file__).parent/"midi"/"testPrimitive"
+TEST_AUDIO = Path(music21.__file__).parent/"audioSearch"/"test_audio.wav"
+TINY_MODEL = ["--model.n_layers", "1", "--model.width", "32", "--model.n_heads", "2", "--data.seq_len", "64", "--data.bs", "8"]
+TINY_TRAIN = ["--corpus_limit", "3", *TINY_MODEL, "--data.windows_per_epoch", "32", "--optim.epochs", "1",
+              "--reliability.sample_every", "0", "--reliability.min_validity", "0", "--quiet", "--samples", "0"]
+FULL_DISK_BYTES = 64 * 1024  # size of the tmpfs that is filled to make a full disk
+SMALL_DISK_BYTES = 1200 * 1024  # a disk with room for a run folder's first files but not its checkpoints
+
+
+def _mount_tmpfs(where: Path, *options: str) -> str | None:
+    "Mount a tmpfs at `where`; None when done, else why not (the caller skips)."
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(where)], capture_output=True, text=True)
+    return None if r.returncode == 0 else f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): needs root and a kernel that allows it"
+
+
+def _umount(where: Path):
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+    "The bad places, made once per module: name -> a folder path that cannot take output; `_why`: places this machine cannot make."
+    base = tmp_path_factory.mktemp("faults")
+    (base/"a-file").write_text("I am a file")
+    out = {"file": base/"a-file", "under_file": base/"a-file"/"sub", "_base": base, "_why": {}}
+    mounts = []
+    try:   # unmounted whatever happens, also when making a place fails half-way
+        why = _mount_tmpfs(base/"ro", "ro", "size=64k")
+        if why is None: out["read_only"] = base/"ro"/"out"; mounts.append(base/"ro")
+        else: out["_why"]["read_only"] = why
+        why = _mount_tmpfs(base/"full", f"size={FULL_DISK_BYTES}")
+        if why is None:
+            mounts.append(base/"full")
+            fd = os.open(base/"full"/"filler", os.O_WRONLY | os.O_CREAT)   # fill it: every byte of data written from now on fails
+            try:
+                while os.write(fd, b"\0" * 4096): pass
+            except OSError: pass
+            finally: os.close(fd)
+            out["full"] = base/"full"/"out"
+        else: out["_why"]["full"] = why
+        yield out
+    finally:
+        for m in mounts: _umount(m)
+
+
+def _snapshot(root: Path) -> dict:
+    "Every entry under `root` with its size and modification time (what must not change)."
+    snap = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = Path(dirpath)/n
+            try: st = p.lstat(); snap[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+            except OSError: pass
+    return snap
+
+
+@pytest.fixture(scope="module")
+def home(kelly_home):
+    return kelly_home
+
+
+@pytest.fixture(scope="module")
+def lm_bundle(tmp_path_factory):
+    "A small language-model bundle (untrained weights: the faults below are about files, not music)."
+    from kelly.exporters import save_bundle
+    from kelly.models import MusicTransformer, TransformerConfig
+    from kelly.tokenizer import Tokenizer
+    tok = Tokenizer()
+    model = MusicTransformer(TransformerConfig.for_tokenizer(tok, n_layers=1, width=32, n_heads=2, max_len=64))
+    return save_bundle(tmp_path_factory.mktemp("lm")/"bundle", model.eval(), tokenizer=tok, metadata={"corpus": "none"})
+
+
+@pytest.fixture(scope="module")
+def codec_bundle(tmp_path_factory):
+    "A small codec bundle whose codebooks were initialised by one forward pass; and a codes file it wrote."
+    import torch
+    from kelly.audio import load_audio
+    from kelly.codec import Codec, CodecConfig
+    from kelly.exporters import encode_audio, load_bundle, save_bundle
+    from kelly.quantizer import QuantizerConfig
+    y, _ = load_audio(TEST_AUDIO, sr=16000)
+    torch.manual_seed(0)
+    codec = Codec(CodecConfig(width=32, n_layers=1, quantizer=QuantizerConfig(n_codebooks=4, codebook_size=64)))
+    codec(torch.from_numpy(np.stack([y[16000 * i:16000 * (i + 1)] for i in range(4)])))
+    folder = tmp_path_factory.mktemp("codec")
+    bundle = save_bundle(folder/"bundle", codec.eval(), metadata={"corpus": "music21 test_audio.wav"})
+    codes = encode_audio(load_bundle(bundle, kind="codec"), TEST_AUDIO).save(folder/"song.npz")
+    return bundle, codes
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    "Readable inputs: a folder of MIDI files, a WAV file, and a FIFO (a special file that blocks whoever reads it)."
+    d = tmp_path_factory.mktemp("inputs")
+    (d/"midi").mkdir()
+    for p in sorted(TEST_PRIMITIVES.glob("*.mid"))[:3]: shutil.copy(p, d/"midi"/p.name)
+    shutil.copy(TEST_AUDIO, d/"song.wav")
+    os.mkfifo(d/"fifo.mid")
+    return d
+
+
+def _cli(capsys, *argv, home: Path):
+    "Run `kelly.cli.main` here with KELLY_HOME set; returns (status, stdout, stderr)."
+    from kelly.cli import main
+    old = os.environ.get("KELLY_HOME")
+    os.environ["KELLY_HOME"] = str(home)
+    try: status = main([str(a) for a in argv])
+    finally:
+        if old is None: del os.environ["KELLY_HOME"]
+        else: os.environ["KELLY_HOME"] = old
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+# command name -> (argv builder taking the bad folder, and the fixtures it needs)
+def _commands(lm, codec, codes, inp):
+    midi = sorted((inp/"midi").iterdir())[0]
+    return {
+        "generate": lambda bad: ["generate", "--model", lm, "-n", "2", "--max_new_tokens", "16", "--out", bad],
+        "evaluate": lambda bad: ["evaluate", "--generated", inp/"midi", "--reference", inp/"midi", "--no_memorisation", "--out", bad],
+        "tokenize": lambda bad: ["tokenize", inp/"midi", "--cache", bad, "--workers", "1", "--quiet"],
+        "train": lambda bad: ["train", "--runs_dir", bad, *TINY_TRAIN],
+        "audio render": lambda bad: ["audio", "render", midi, "--synth", "sine", "--out", bad],
+        "audio pitch": lambda bad: ["audio", "pitch", inp/"song.wav", "--csv", Path(bad)/"f0.csv", "--png", Path(bad)/"f0.png"],
+        "audio train": lambda bad: ["audio", "train", "--runs_dir", bad, "--quiet"],
+        "audio encode": lambda bad: ["audio", "encode", inp/"song.wav", "--model", codec, "--out", Path(bad)/"x.npz"],
+        "audio decode": lambda bad: ["audio", "decode", codes, "--model", codec, "--out", Path(bad)/"x.wav"],
+    }
+
+COMMANDS = ["generate", "evaluate", "tokenize", "train", "audio render", "audio pitch", "audio train", "audio encode", "audio decode"]
+PLACES = ["file", "under_file", "read_only", "full"]
+# audio train reads (and, the first time, renders) the Bach audio corpus before it writes anything on a full disk; the
+# run-folder code it shares with `train` is covered by train's full-disk row
+SKIP = {("audio train", "full"): "needs the rendered audio corpus before the first write; train's row covers the shared run-folder code"}
+
+
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_unwritable_output(command, place, places, lm_bundle, codec_bundle, inputs, home, capsys):
+    if (command, place) in SKIP: pytest.skip(SKIP[command, place])
+    if place in places["_why"]: pytest.skip(places["_why"][place])
+    bad = places[place]
+    argv = _commands(lm_bundle, *codec_bundle, inputs)[command](bad)
+    before = _snapshot(places["_base"])
+    status, out, err = _cli(capsys, *argv, home=home)
+    assert status == 1, (status, out, err)
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith(f"kelly {command}: error: "), err
+    assert any(str(p) in lines[-1] for p in (bad, *Path(bad).parents)), lines[-1]     # it names the path at fault
+    assert _snapshot(places["_base"]) == before, "something changed or was left behind"
+
+
+@pytest.mark.parametrize("command", ["generate --prompt", "audio pitch", "audio encode", "audio decode", "tokenize --check"])
+def test_special_files_are_refused_not_read(command, lm_bundle, codec_bundle, inputs, home, tmp_path, capsys):
+    "A FIFO where a file is read blocks a naive reader forever: each command refuses it in one line (or lists it as skipped)."
+    fifo = inputs/"fifo.mid"
+    codec, _ = codec_bundle
+    argv = {"generate --prompt": ["generate", "--model", lm_bundle, "--prompt", fifo, "--out", tmp_path/"g"],
+            "audio pitch": ["audio", "pitch", fifo, "--csv", tmp_path/"f.csv", "--png", tmp_path/"f.png"],
+            "audio encode": ["audio", "encode", fifo, "--model", codec, "--out", tmp_path/"x.npz"],
+            "audio decode": ["audio", "decode", fifo, "--model", codec, "--out", tmp_path/"x.wav"],
+            "tokenize --check": ["tokenize", "--check", inputs, "--workers", "1"]}[command]
+    status, out, err = _cli(capsys, *argv, home=home)
+    assert status == 1 and "Traceback" not in err, (status, out, err)
+    assert str(fifo) in err + out and ("regular file" in err + out or "FIFO" in err + out), (out, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_during_training_is_one_line_and_leaves_no_temp_files(places, home, capsys, tmp_path):
+    "The run folder's first files fit, the first checkpoint does not: one line naming the disk, no temp file left."
+    if "full" in places["_why"]: pytest.skip(places["_why"]["full"])
+    where = tmp_path/"small"
+    why = _mount_tmpfs(where, f"size={SMALL_DISK_BYTES}")   # passes the free-space check; the first checkpoints of width 64 do not fit
+    if why: pytest.skip(why)
+    try:
+        status, out, err = _cli(capsys, "train", "--runs_dir", where, "--name", "r", *TINY_TRAIN, "--model.width", "64", home=home)
+        assert status == 1 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("kelly train: error: ") and "disk is full" in err and "[No space left on device]" in err, err
+        assert (where/"r"/"config.yaml").is_file()    # it failed while training (checkpoint or bundle), not at the free-space check
+        left = [p for p in (where/"r").rglob("*") if p.name.endswith(".tmp")]
+        assert left == [], left
+    finally: _umount(where)
+
+
+def test_absurd_values_are_refused_before_work(lm_bundle, home, tmp_path, capsys):
+    for argv, words in ((["--max_new_tokens", "1000000000000", "--window", "0"], "more than the"),
+                        (["--temperature", "nan"], "not a finite number"), (["--top_p", "inf"], "not a finite number"),
+                        (["--prompt_tokens", "0", "--prompt", lm_bundle/"manifest.json"], "--prompt_tokens"), (["-n", "0"], "-n must be")):
+        status, out, err = _cli(capsys, "generate", "--model", lm_bundle, "--out", tmp_path/"g", *argv, home=home)
+        assert status == 1 and words in err and "Traceback" not in err, (argv, err)
+    status, out, err = _cli(capsys, "train", "--optim.lr", "nan", home=home)
+    assert status == 1 and "optim.lr" in err and "not a finite number" in err, err
+    status, out, err = _cli(capsys, "train", "--model.n_layers", "0", home=home)
+    assert status == 1 and "'model.n_layers'" in err, err
+    assert not (tmp_path/"g").exists()
+
+
+def test_tokenize_check_is_honest(tmp_path, inputs, home, capsys):
+    (tmp_path/"empty").mkdir(); (tmp_path/"text").mkdir(); (tmp_path/"text"/"a.txt").write_text("x")
+    (tmp_path/"bad").mkdir(); (tmp_path/"bad"/"a.mid").write_text("not MIDI")
+    for folder, words in (("empty", "in 0 of 0 file(s)"), ("text", "in 0 of 0 file(s)"), ("bad", "in 0 of 1 file(s); 1 failed")):
+        status, out, err = _cli(capsys, "tokenize", "--check", tmp_path/folder, "--workers", "1", home=home)
+        assert status == 1 and words in out, (folder, out, err)
+    loops = tmp_path/"loops"; shutil.copytree(inputs/"midi", loops)
+    os.symlink("b.mid", loops/"a.mid"); os.symlink("a.mid", loops/"b.mid"); os.symlink(".", loops/"up")
+    status, out, err = _cli(capsys, "tokenize", "--check", loops, "--workers", "1", home=home)
+    assert status == 1 and "in 3 of 6 file(s); 0 failed, 3 skipped" in out and out.count("symlink loop") == 2 and "cycle" in out, out
+    for w in ("0", "-2"):
+        status, out, err = _cli(capsys, "tokenize", "--check", loops, "--workers", w, home=home)
+        assert status == 1 and "--workers" in err, err
+    status, out, err = _cli(capsys, "tokenize", loops, "--cache", tmp_path/"cache", "--workers", "1", "--quiet", home=home)
+    assert status == 0 and "skipped 3 file(s)" in out, (out, err)   # the two loops and the cycle, listed in report.json
+
+
+def _kelly(*args, home, wait=True):
+    env = {**os.environ, "KELLY_HOME": str(home)}
+    p = subprocess.Popen([tool("kelly"), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    return p
+
+
+def test_two_runs_started_together_get_two_folders(tmp_path, home):
+    runs = tmp_path/"runs"
+    procs = [_kelly("train", "--runs_dir", runs, *TINY_TRAIN, home=home) for _ in range(2)]
+    results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    for status, out, err in results: assert status == 0, err[-3000:]
+    folders = sorted(p.name for p in runs.iterdir())
+    assert len(folders) == 2, folders
+    for f in folders: assert (runs/f/"bundle"/"manifest.json").is_file() and not list((runs/f).glob(".*.tmp"))
+
+
+HOLD_LOCK = ("import sys, time; from kelly.trainers import RunLock\n"
+             "with RunLock(sys.argv[1], wait=sys.argv[2] == 'wait'):\n"
+             "    print(time.time(), flush=True); time.sleep(float(sys.argv[3]))\n")
+
+
+def test_a_second_writer_of_a_named_run_is_refused(tmp_path, home):
+    "While a process writes run `shared` (holds its lock), `kelly train --name shared` is refused in one line and changes nothing."
+    runs = tmp_path/"runs"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, runs/"shared", "hold", "600"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        holder.stdout.readline()          # it holds the lock now
+        (runs/"shared"/"history.csv").write_text("epoch,train_loss\n0,1.0\n")
+        before = _snapshot(runs)
+        second = _kelly("train", "--runs_dir", runs, "--name", "shared", *TINY_TRAIN, home=home)
+        status, out, err = second.wait(timeout=600), *second.communicate()
+        assert status == 1 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("kelly train: error: run folder") and f"is in use by process {holder.pid}" in err and "--wait" in err, err
+        assert _snapshot(runs) == before
+    finally: holder.kill(); holder.wait()
+
+
+def test_wait_queues_behind_the_holder(tmp_path):
+    "`RunLock(wait=True)` in a second process blocks until the first releases the folder."
+    code = HOLD_LOCK
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", code, tmp_path/"run", "hold", "3"], stdout=subprocess.PIPE, text=True, env=env)
+    started = float(holder.stdout.readline())
+    waiter = subprocess.run([sys.executable, "-c", code, tmp_path/"run", "wait", "0"], capture_output=True, text=True, env=env, timeout=300)
+    holder.wait(timeout=60)
+    assert waiter.returncode == 0, waiter.stderr
+    assert float(waiter.stdout) >= started + 3, (started, waiter.stdout)
+
+
+def test_bundle_clean_up_spares_a_live_writer(tmp_path, lm_bundle):
+    "A save's clean-up removes temp folders of dead writers only: another live process's in-progress bundle stays."
+    from kelly.exporters import load_bundle, save_bundle
+    b = load_bundle(lm_bundle)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+        live_tmp = tmp_path/f".bundle.{sleeper.pid}.abcd.tmp"; live_tmp.mkdir(); (live_tmp/"weights.safetensors").write_bytes(b"x")
+        dead_tmp = tmp_path/f".bundle.{dead}.efgh.tmp"; dead_tmp.mkdir()
+        save_bundle(tmp_path/"bundle", b.model, tokenizer=b.tokenizer)
+        assert live_tmp.is_dir() and (live_tmp/"weights.safetensors").is_file() and not dead_tmp.exists()
+        umask = os.umask(0); os.umask(umask)
+        assert (tmp_path/"bundle").stat().st_mode & 0o777 == 0o777 & ~umask
+        assert (tmp_path/"bundle"/"weights.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    finally: sleeper.kill(); sleeper.wait()
