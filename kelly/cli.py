@@ -404,7 +404,8 @@ def cmd_audio_train_prior(args,  # parsed arguments of `kelly audio train-prior`
     if args.resume is not None and args.config is None:
         saved = run_folder(config, args.resume)/CONFIG_FILE
         if saved.is_file(): config = config_from_args(args, PriorTrainConfig, base=PriorTrainConfig.load(saved))
-    result = train_prior(config, distributed=args.distributed, resume=args.resume if args.resume is not None else False, progress=not args.quiet)
+    result = train_prior(config, distributed=args.distributed, resume=args.resume if args.resume is not None else False, progress=not args.quiet,
+                         wait=args.wait)
     if not is_main_process(): return 0
     m = result.metrics
     print(f"run: {result.run_dir}", file=out)
@@ -419,6 +420,7 @@ def cmd_audio_generate(args,  # parsed arguments of `kelly audio generate`
                        ) -> int:
     "Generate audio clips with a code prior and its codec: WAV + PNG per clip and a JSON report (seams, memorisation, codebook usage)."
     out = out or sys.stdout
+    check_output_folder(args.out)
     sampling = config_from_args(args, CodeSamplingConfig, base=CLI_CODE_SAMPLING)
     if sampling.seed is None: sampling = sampling.override(f"seed={int(torch.randint(SEED_RANGE, ()))}")
     path = _bundle_path(args, kind="prior")
@@ -443,6 +445,7 @@ def _add_prior_commands(audio):
     t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue the named (--name) or latest run from its newest valid checkpoint, or from CHECKPOINT")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--wait", action="store_true", help="when another process is writing the run folder, wait for it to finish (default: refuse)")
     add_config_flags(t, PriorTrainConfig, title="code prior training settings",
                      skip=("model.n_codebooks", "model.codebook_size", "model.frame_rate", "model.codec_hash"))
     t.set_defaults(func=cmd_audio_train_prior)

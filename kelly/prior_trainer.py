@@ -49,7 +49,7 @@ from .distributed import distributed_session
 from .reliability import ReliabilityConfig, reliability_callbacks
 from .trainers import (BUNDLE_DIR, CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, LOG_FILE, METRICS_FILE, AccumulateGradients,
                        HistoryCSV, OptimConfig, TrainerError, TrainResult, fit_lm, run_folder, run_metrics, runs_folder)
-from .trainers import _agree_on_folder, _check_valid_batches, _run_log_handler
+from .trainers import _check_valid_batches, _claimed_run, _run_log_handler
 
 _log = logging.getLogger(__name__)
 
@@ -434,13 +434,14 @@ def train_prior(config: PriorTrainConfig | None = None,  # the run's settings (d
                 resume: bool | str | os.PathLike = False,  # True: continue the (named or latest) run; a path: that checkpoint
                 cbs: list | None = None,  # more callbacks
                 progress: bool = True,  # progress bars and the epoch table
+                wait: bool = False,  # when another process is writing the run folder: wait for it (False: refuse)
                 ) -> TrainResult:
     "Train a code prior on a codec's codes of an audio corpus: run folder, checkpoints, metrics, a `prior` bundle with its codec beside it."
     config = config or PriorTrainConfig()
     if distributed:
         with distributed_session(config.device) as info:
-            return _train_prior(config, info.rank, info.world_size, info.device, resume, cbs, progress)
-    return _train_prior(config, 0, 1, pick_device(config.device), resume, cbs, progress)
+            return _train_prior(config, info.rank, info.world_size, info.device, resume, cbs, progress, wait)
+    return _train_prior(config, 0, 1, pick_device(config.device), resume, cbs, progress, wait)
 
 def _audio_folder(config: PriorTrainConfig, progress: bool) -> Path:
     if config.corpus is None: return bach_chorales_audio(config.corpus_limit, progress=progress)
@@ -457,48 +458,48 @@ def _code_cache(config: PriorTrainConfig, codec_bundle: Bundle, main: bool, worl
     if world_size > 1: dist.broadcast_object_list(box, src=0)
     return CodeCache(box[0], verify=main)
 
-def _train_prior(config, rank, world_size, device, resume, cbs, progress) -> TrainResult:
+def _train_prior(config, rank, world_size, device, resume, cbs, progress, wait=False) -> TrainResult:
     main = rank == 0
-    run_dir = _agree_on_folder(run_folder(config, resume) if main else Path(), world_size)
-    config = dataclasses.replace(config, name=run_dir.name)
-    codec_path = find_codec(config.codec, runs_folder(config))
-    codec_bundle = load_bundle(codec_path, device=device, kind="codec")
-    cache = _code_cache(config, codec_bundle, main, world_size, progress and main)
-    model_config = PriorConfig.for_codec(codec_bundle.model, codec_bundle.model_hash, config.model)
-    config = dataclasses.replace(config, model=model_config, codec=codec_path)
-    dls = prior_dataloaders(cache, model_config.code_pattern(), model_config.max_frames, config.data, rank, world_size, device=device)
-    _check_valid_batches(dls, world_size)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir/CONFIG_FILE)
-    callbacks = reliability_callbacks(config.reliability, run_dir/CHECKPOINT_DIR, resume=resume, distributed=world_size > 1,
-                                      generate=partial(_monitor_sample, seconds=config.sample_seconds), config=config)
-    if main: callbacks.append(HistoryCSV(run_dir/HISTORY_FILE, append=bool(resume)))
-    seed_everything(config.seed)
-    prior = CodePrior(model_config)
-    learn = prior_learner(dls, prior, optim=config.optim, cbs=[*callbacks, *(cbs or [])], path=run_dir, config=config, progress=progress)
-    handler = _run_log_handler(run_dir/LOG_FILE) if main else None
-    try:
-        _log.info("training a %s-pattern code prior (%.2fM parameters) on %s (%d files, %.2f h of codes from codec %s), %d process(es), run folder %s",
-                  model_config.pattern, prior.n_params() / 1e6, device, len(cache), cache.n_frames / cache.frame_rate / 3600,
-                  codec_bundle.model_hash[:12], world_size, run_dir)
-        start = time.perf_counter()
-        fit_lm(learn, config.optim)
-        metrics = run_metrics(learn, time.perf_counter() - start)
-        metrics.update(world_size=world_size, pattern=model_config.pattern, steps_per_second_of_audio=model_config.code_pattern().n_steps(
-            int(model_config.frame_rate * 60)) / 60, code_cache=str(cache.folder))
-        bundle = None
+    with _claimed_run(config, resume, rank, world_size, wait) as run_dir:
+        config = dataclasses.replace(config, name=run_dir.name)
+        codec_path = find_codec(config.codec, runs_folder(config))
+        codec_bundle = load_bundle(codec_path, device=device, kind="codec")
+        cache = _code_cache(config, codec_bundle, main, world_size, progress and main)
+        model_config = PriorConfig.for_codec(codec_bundle.model, codec_bundle.model_hash, config.model)
+        config = dataclasses.replace(config, model=model_config, codec=codec_path)
+        dls = prior_dataloaders(cache, model_config.code_pattern(), model_config.max_frames, config.data, rank, world_size, device=device)
+        _check_valid_batches(dls, world_size)
         if main:
-            model, metrics["bundled"] = _bundled_prior(learn)
-            write_json(run_dir/METRICS_FILE, metrics)
-            meta = {"run": run_dir.name, "corpus": str(config.corpus) if config.corpus else "bach_chorales_audio", "corpus_limit": config.corpus_limit,
-                    "code_cache": str(cache.folder), "train_docs": dls.train_docs, "codec": str(codec_path), "metrics": metrics, "config": config.to_dict()}
-            bundle = save_bundle(run_dir/BUNDLE_DIR, model, metadata=meta, overwrite=True)
-            _copy_codec(codec_bundle, run_dir/PRIOR_CODEC_DIR)
-        _log.info("finished: valid_loss %s nats per code", f"{metrics['valid_loss']:.4g}" if metrics.get("valid_loss") is not None else "n/a")
-    finally:
-        if handler is not None: logging.getLogger("kelly").removeHandler(handler); handler.close()
-    return TrainResult(learn, run_dir, metrics, bundle)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config.save(run_dir/CONFIG_FILE)
+        callbacks = reliability_callbacks(config.reliability, run_dir/CHECKPOINT_DIR, resume=resume, distributed=world_size > 1,
+                                          generate=partial(_monitor_sample, seconds=config.sample_seconds), config=config)
+        if main: callbacks.append(HistoryCSV(run_dir/HISTORY_FILE, append=bool(resume)))
+        seed_everything(config.seed)
+        prior = CodePrior(model_config)
+        learn = prior_learner(dls, prior, optim=config.optim, cbs=[*callbacks, *(cbs or [])], path=run_dir, config=config, progress=progress)
+        handler = _run_log_handler(run_dir/LOG_FILE) if main else None
+        try:
+            _log.info("training a %s-pattern code prior (%.2fM parameters) on %s (%d files, %.2f h of codes from codec %s), %d process(es), run folder %s",
+                      model_config.pattern, prior.n_params() / 1e6, device, len(cache), cache.n_frames / cache.frame_rate / 3600,
+                      codec_bundle.model_hash[:12], world_size, run_dir)
+            start = time.perf_counter()
+            fit_lm(learn, config.optim)
+            metrics = run_metrics(learn, time.perf_counter() - start)
+            metrics.update(world_size=world_size, pattern=model_config.pattern, steps_per_second_of_audio=model_config.code_pattern().n_steps(
+                int(model_config.frame_rate * 60)) / 60, code_cache=str(cache.folder))
+            bundle = None
+            if main:
+                model, metrics["bundled"] = _bundled_prior(learn)
+                write_json(run_dir/METRICS_FILE, metrics)
+                meta = {"run": run_dir.name, "corpus": str(config.corpus) if config.corpus else "bach_chorales_audio", "corpus_limit": config.corpus_limit,
+                        "code_cache": str(cache.folder), "train_docs": dls.train_docs, "codec": str(codec_path), "metrics": metrics, "config": config.to_dict()}
+                bundle = save_bundle(run_dir/BUNDLE_DIR, model, metadata=meta, overwrite=True)
+                _copy_codec(codec_bundle, run_dir/PRIOR_CODEC_DIR)
+            _log.info("finished: valid_loss %s nats per code", f"{metrics['valid_loss']:.4g}" if metrics.get("valid_loss") is not None else "n/a")
+        finally:
+            if handler is not None: logging.getLogger("kelly").removeHandler(handler); handler.close()
+        return TrainResult(learn, run_dir, metrics, bundle)
 
 def _bundled_prior(learn: Learner) -> tuple[CodePrior, dict]:
     "The prior a run's bundle holds: the best checkpoint's weights by the monitor (else the last), and a record of which."

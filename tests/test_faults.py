@@ -115,6 +115,18 @@ def codec_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def prior_run(codec_bundle):
+    "A run folder holding a small (untrained) code prior bound to the codec above, with that codec beside it."
+    from kelly.exporters import PRIOR_CODEC_DIR, load_bundle, save_bundle
+    from kelly.prior import CodePrior, PriorConfig
+    cb = load_bundle(codec_bundle[0], kind="codec")
+    run = Path(codec_bundle[0]).parent/"prior-run"
+    save_bundle(run/"bundle", CodePrior(PriorConfig.for_codec(cb.model, cb.model_hash, n_layers=1, width=32, n_heads=2, max_frames=25)))
+    shutil.copytree(cb.path, run/PRIOR_CODEC_DIR)
+    return run
+
+
+@pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     "Readable inputs: a folder of MIDI files, a WAV file, and a FIFO (a special file that blocks whoever reads it)."
     d = tmp_path_factory.mktemp("inputs")
@@ -139,7 +151,7 @@ def _cli(capsys, *argv, home: Path):
 
 
 # command name -> (argv builder taking the bad folder, and the fixtures it needs)
-def _commands(lm, codec, codes, inp):
+def _commands(lm, codec, codes, inp, prior=None):
     midi = sorted((inp/"midi").iterdir())[0]
     return {
         "generate": lambda bad: ["generate", "--model", lm, "-n", "2", "--max_new_tokens", "16", "--out", bad],
@@ -151,22 +163,26 @@ def _commands(lm, codec, codes, inp):
         "audio train": lambda bad: ["audio", "train", "--runs_dir", bad, "--quiet"],
         "audio encode": lambda bad: ["audio", "encode", inp/"song.wav", "--model", codec, "--out", Path(bad)/"x.npz"],
         "audio decode": lambda bad: ["audio", "decode", codes, "--model", codec, "--out", Path(bad)/"x.wav"],
+        "audio train-prior": lambda bad: ["audio", "train-prior", "--runs_dir", bad, "--codec", codec, "--quiet"],
+        "audio generate": lambda bad: ["audio", "generate", "--model", prior, "--seconds", "0.5", "-n", "1", "--out", bad],
     }
 
-COMMANDS = ["generate", "evaluate", "tokenize", "train", "audio render", "audio pitch", "audio train", "audio encode", "audio decode"]
+COMMANDS = ["generate", "evaluate", "tokenize", "train", "audio render", "audio pitch", "audio train", "audio encode", "audio decode",
+            "audio train-prior", "audio generate"]
 PLACES = ["file", "under_file", "read_only", "full"]
 # audio train reads (and, the first time, renders) the Bach audio corpus before it writes anything on a full disk; the
 # run-folder code it shares with `train` is covered by train's full-disk row
-SKIP = {("audio train", "full"): "needs the rendered audio corpus before the first write; train's row covers the shared run-folder code"}
+SKIP = {("audio train", "full"): "needs the rendered audio corpus before the first write; train's row covers the shared run-folder code",
+        ("audio train-prior", "full"): "needs the rendered audio corpus and its codes before the first write; train's row covers the shared run-folder code"}
 
 
 @pytest.mark.parametrize("place", PLACES)
 @pytest.mark.parametrize("command", COMMANDS)
-def test_unwritable_output(command, place, places, lm_bundle, codec_bundle, inputs, home, capsys):
+def test_unwritable_output(command, place, places, lm_bundle, codec_bundle, prior_run, inputs, home, capsys):
     if (command, place) in SKIP: pytest.skip(SKIP[command, place])
     if place in places["_why"]: pytest.skip(places["_why"][place])
     bad = places[place]
-    argv = _commands(lm_bundle, *codec_bundle, inputs)[command](bad)
+    argv = _commands(lm_bundle, *codec_bundle, inputs, prior_run)[command](bad)
     before = _snapshot(places["_base"])
     status, out, err = _cli(capsys, *argv, home=home)
     assert status == 1, (status, out, err)
@@ -220,6 +236,14 @@ def test_absurd_values_are_refused_before_work(lm_bundle, home, tmp_path, capsys
     status, out, err = _cli(capsys, "train", "--model.n_layers", "0", home=home)
     assert status == 1 and "'model.n_layers'" in err, err
     assert not (tmp_path/"g").exists()
+
+
+def test_absurd_audio_generation_values_are_refused_before_work(prior_run, home, tmp_path, capsys):
+    for argv, words in ((["--temperature", "nan"], "not a finite number"), (["--seconds", "1e9"], "the limit is"),
+                        (["--seconds", "-1"], "'seconds'"), (["-n", "0"], "n must be at least 1")):
+        status, out, err = _cli(capsys, "audio", "generate", "--model", prior_run, "--out", tmp_path/"g", *argv, home=home)
+        assert status == 1 and words in err and "Traceback" not in err, (argv, err)
+        assert not (tmp_path/"g").exists() or not any((tmp_path/"g").iterdir()), argv
 
 
 def test_tokenize_check_is_honest(tmp_path, inputs, home, capsys):
