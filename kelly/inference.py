@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['BACKENDS', 'ONNX_OPSET', 'STEP_LOGIT_ATOL', 'InferenceError', 'StepGraph', 'export_step_onnx', 'quantize_int8',
-           'OnnxDecoder', 'step_onnx', 'make_decoder']
+           'OnnxDecoder', 'step_onnx', 'attach_step_onnx', 'make_decoder']
 
 # %% ../nbs/05d_inference.ipynb #72bf6b44
 import io
@@ -183,6 +183,12 @@ def step_onnx(model: MusicTransformer,  # the model (float32)
         store["int8"] = quantize_int8(store["onnx"])
         _log.info("quantized the decoding step to INT8 (%d bytes)", len(store["int8"]))
     return store[backend]
+
+def attach_step_onnx(model: MusicTransformer,  # the model the graph was exported from (weights as now)
+                     onnx_bytes: bytes,  # its `step_onnx(model)`, e.g. read from a bundle
+                     ):
+    "Give `model` an already exported fp32 step graph, so the `onnx` and `int8` backends need no export for these weights."
+    object.__setattr__(model, _ONNX_ATTR, {"key": _weights_key(model), "onnx": onnx_bytes})
 
 def make_decoder(model: MusicTransformer,  # the language model
                  backend: str = "torch",  # one of `BACKENDS`
