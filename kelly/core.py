@@ -369,6 +369,9 @@ def choose_threads(workload: str,  # one of `THREAD_WORKLOADS`
     if override is not None: return ThreadChoice(override, 1, f"{workload}: {override} thread(s), as configured")
     if workload == "decode" and batch_size <= SMALL_DECODE_BATCH:
         return ThreadChoice(1, 1, f"decode: 1 thread for batch {batch_size} (<= {SMALL_DECODE_BATCH}: products too small to split)")
+    if workload == "train":     # never from the load: a run, its resume and a rerun must do the same arithmetic
+        n = max(1, cores // processes)
+        return ThreadChoice(n, 1, f"train: {n} thread(s) = {cores} available core(s) / {processes} process(es) (the load, {load:.2f}, is not used for training)")
     n = max(1, free // processes)
     return ThreadChoice(n, 1, f"{workload}: {n} thread(s) = {free} free core(s) / {processes} process(es) ({where})")
 

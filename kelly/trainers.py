@@ -235,7 +235,7 @@ class TrainConfig(Config):
     corpus_limit: int | None = None  # built-in corpus only: its first N chorales (a quick run)
     seed: int = 0  # seeds the model's initial weights and dropout (data.seed seeds split, windows and augmentation)
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1" or "mps"
-    threads: int | None = None  # intra-op threads per process (None: from the free cores at the run's start; recorded in its config.yaml, so a resume computes alike)
+    threads: int | None = None  # intra-op threads per process (None: the available cores / the job's processes; recorded in its config.yaml, so a resume computes alike)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)  # the vocabulary
     data: LMDataConfig = dataclasses.field(default_factory=LMDataConfig)  # windows, batches, split, augmentation
     model: TransformerConfig = dataclasses.field(default_factory=_default_model)  # the network (vocab_size and max_len are filled in)
