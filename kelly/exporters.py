@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MIDI_TPQ', 'PIANO_ROLL_SIZE', 'PIANO_ROLL_DPI', 'NOTE_HEIGHT', 'MIN_ALPHA', 'NOTE_EDGE_WIDTH', 'PITCH_MARGIN',
            'TRACK_COLOURS', 'BAR_LINE_COLOUR', 'BUNDLE_FORMAT', 'BUNDLE_VERSION', 'MANIFEST_FILE', 'WEIGHTS_FILE',
-           'CONFIG_FILE', 'TOKENIZER_FILE', 'METADATA_FILE', 'BUNDLE_FILES', 'MANIFEST_HASH_KEY',
+           'CONFIG_FILE', 'TOKENIZER_FILE', 'METADATA_FILE', 'BUNDLE_FILES', 'STEP_ONNX_FILE', 'MANIFEST_HASH_KEY',
            'WEIGHTS_TOKENIZER_KEY', 'WEIGHTS_CONFIG_KEY', 'TRAINING_DATA_KEYS', 'BUNDLE_KINDS', 'BUNDLE_LOADERS',
            'ONNX_TRACE_SHAPE', 'ONNX_CHECK_SHAPE', 'ONNX_ATOL', 'CODEC_ENCODER_ONNX', 'CODEC_DECODER_ONNX',
            'CODEC_ONNX_OPSET', 'CODEC_ONNX_TRACE_SECONDS', 'CODEC_ONNX_CHECK_SHAPE', 'CODEC_ONNX_MIN_AGREEMENT',
@@ -55,6 +55,7 @@ from .models import MusicTransformer, TransformerConfig
 from .codec import Codec, CodecConfig, CodecError
 from .prior import CodePrior, PriorConfig
 from .tokenizer import DecodeReport, Tokenizer, TokenizerConfig, TokenizerError
+from .inference import attach_step_onnx, step_onnx
 
 # %% ../nbs/09_exporters.ipynb #7e913a61
 _log = logging.getLogger(__name__)
@@ -263,6 +264,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 METADATA_FILE = "metadata.json"
 BUNDLE_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, METADATA_FILE)  # the files a language-model bundle lists (formats 1 and 2)
+STEP_ONNX_FILE = "step.onnx"  # optional in a language-model bundle: the decoding step for the onnx/int8 backends (`kelly.inference`)
 MANIFEST_HASH_KEY = "manifest_sha256"  # the manifest's own checksum (over its bytes with this value zeroed)
 _HASH_PLACEHOLDER = "0" * 64
 WEIGHTS_TOKENIZER_KEY = "kelly.tokenizer_hash"  # safetensors header entry binding the weights to their tokenizer
@@ -385,7 +387,7 @@ def _config_json(config: Config) -> str:
     "A config as canonical JSON (sorted keys): what the weights' header holds."
     return json.dumps(config.to_dict(), sort_keys=True)
 
-def _write_bundle_files(folder: Path, model: torch.nn.Module, kind: BundleKind, tokenizer: Tokenizer | None, metadata: dict):
+def _write_bundle_files(folder: Path, model: torch.nn.Module, kind: BundleKind, tokenizer: Tokenizer | None, metadata: dict, with_onnx: bool = False):
     "Every file of a format-2 bundle, into an empty `folder`."
     header = {"format": "pt", "kelly.model": type(model).__name__, "kelly.kind": kind.name, WEIGHTS_CONFIG_KEY: _config_json(model.config)}
     if tokenizer is not None: header[WEIGHTS_TOKENIZER_KEY] = tokenizer.hash
@@ -404,7 +406,11 @@ def _write_bundle_files(folder: Path, model: torch.nn.Module, kind: BundleKind, 
                                                  "dtype": str(dtype).removeprefix("torch."), "hash": model_hash(model)}}
     if tokenizer is not None: manifest["tokenizer"] = {"hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size}
     if kind.summary is not None: manifest[kind.name] = _plain(kind.summary(model), kind.name)
-    manifest["files"] = {name: {"bytes": (folder/name).stat().st_size, "sha256": sha256_file(folder/name)} for name in kind.files}
+    names = kind.files
+    if with_onnx:
+        (folder/STEP_ONNX_FILE).write_bytes(step_onnx(model)); _fsync(folder/STEP_ONNX_FILE)
+        names = (*names, STEP_ONNX_FILE)
+    manifest["files"] = {name: {"bytes": (folder/name).stat().st_size, "sha256": sha256_file(folder/name)} for name in names}
     with atomic_write(folder/MANIFEST_FILE) as f: f.write(_manifest_text(manifest))
     for f in folder.iterdir(): os.chmod(f, umask_mode())   # shared models stay readable as the umask allows (mkdtemp's 0700, safetensors' 0600)
     os.chmod(folder, umask_mode(folder=True))
@@ -444,6 +450,7 @@ def save_bundle(path: str | os.PathLike,  # the bundle folder to create
                 tokenizer: Tokenizer | None = None,  # the tokenizer the model was trained with (language models: required; codecs: none)
                 metadata: dict | None = None,  # training metadata: plain JSON (steps, metrics, corpus, date, ...)
                 overwrite: bool = False,  # replace an existing bundle at `path`
+                with_onnx: bool = False,  # language models: also carry the decoding step as ONNX (`step.onnx`, checksummed like the rest)
                 ) -> Path:
     "Write a model bundle folder atomically: safetensors weights, config, tokenizer (language models), metadata and a checksummed manifest."
     path = Path(path)
@@ -467,7 +474,8 @@ def save_bundle(path: str | os.PathLike,  # the bundle folder to create
     _remove_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX, dir=path.parent))
     try:
-        _write_bundle_files(tmp, model, kind, tokenizer, meta)
+        if with_onnx and kind.name != "lm": raise BundleError(f"{path}: with_onnx applies to language-model bundles, not {kind.name}")
+        _write_bundle_files(tmp, model, kind, tokenizer, meta, with_onnx)
         _publish(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -680,6 +688,7 @@ def _read_bundle(path: Path, manifest: dict, raw: bytes, device: torch.device, k
     metadata = _read_json_file(path/METADATA_FILE)
     _log.info("loaded bundle %s (%s: %s, %d parameters, model %s%s)", path, kind.name, cls_name, n_parameters(model), digest[:12],
               f", tokenizer {tokenizer.hash[:12]}" if tokenizer is not None else "")
+    if STEP_ONNX_FILE in manifest["files"]: attach_step_onnx(model, (path/STEP_ONNX_FILE).read_bytes())   # checksummed above
     return Bundle(path, model, tokenizer, config, metadata, manifest, kind.name, digest)
 
 @bundle_loader(1)
@@ -945,7 +954,7 @@ def decode_audio(bundle: Bundle,  # the codec bundle that made the codes
         y = y[:codes.source_length] if len(y) >= codes.source_length else np.pad(y, (0, codes.source_length - len(y)))
     return y, target
 
-# %% ../nbs/09_exporters.ipynb #b891f8c3
+# %% ../nbs/09_exporters.ipynb #0146e093
 PRIOR_CODEC_DIR = "codec"  # the codec bundle saved beside a prior's bundle in its run folder
 
 def prior_summary(prior: CodePrior,  # the prior to describe

@@ -8,6 +8,7 @@ __all__ = ['SamplerError', 'SamplingConfig', 'top_k_top_p', 'filter_logits_refer
            'attention_window', 'stream', 'decoding_bytes', 'Generation', 'generate']
 
 # %% ../nbs/08_samplers.ipynb #66b7ff01
+import contextlib
 import dataclasses
 import logging
 from typing import Iterator, NamedTuple, Sequence
@@ -15,9 +16,10 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .core import Config, ConfigError, KellyError, check_memory
+from .core import Config, ConfigError, KellyError, check_memory, choose_threads, intra_op_threads
 from .tokenizer import Tokenizer
-from .models import IncrementalDecoder, MusicTransformer
+from .models import MusicTransformer
+from .inference import BACKENDS, make_decoder
 
 # %% ../nbs/08_samplers.ipynb #3889086f
 _log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ class SamplingConfig(Config):
     seed: int | None = None           # seed of the sampling generator (None: torch's global generator)
     window: int | None = None         # attention window past which the KV cache slides (None: the model's max_len; 0: attend to every position)
     bars: int = 0                     # end each piece after this many bars (prompt included), eos held until then (0: no limit)
+    threads: int | None = None        # intra-op threads while decoding on the CPU (None: kelly.core's policy, from the batch size and the free cores)
+    backend: str = "torch"            # decoding engine with the KV cache: torch (the reference), onnx (ONNX Runtime) or int8 (its dynamic INT8)
     version: int = 1                  # format version of this config
 
     def validate(self):
@@ -53,6 +57,9 @@ class SamplingConfig(Config):
         if self.repetition_penalty <= 0: raise ConfigError(f"config key 'repetition_penalty': must be > 0 (1 is off), got {self.repetition_penalty}")
         if self.window is not None and self.window < 0: raise ConfigError(f"config key 'window': must be >= 0 (0: no window) or null (the model's max_len), got {self.window}")
         if self.bars < 0: raise ConfigError(f"config key 'bars': must be >= 0 (0: no limit), got {self.bars}")
+        if self.backend not in BACKENDS: raise ConfigError(f"config key 'backend': {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.backend != "torch" and not self.use_cache: raise ConfigError(f"config key 'backend': {self.backend} decodes with the KV cache; use_cache=false runs torch only")
+        if self.threads is not None and self.threads < 1: raise ConfigError(f"config key 'threads': must be at least 1 (or null: chosen per batch and load), got {self.threads}")
 
 # %% ../nbs/08_samplers.ipynb #22b8d7e0
 def top_k_top_p(logits: torch.Tensor,  # [B, V] scores (already divided by the temperature)
@@ -330,11 +337,15 @@ def _decode(model, ids, c, sampler, eos, pad) -> Iterator[torch.Tensor]:
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.ExitStack() as threads:
+            if on_cpu:
+                choice = choose_threads("decode", batch_size=B, override=c.threads)
+                _log.info("%s", choice.reason)
+                threads.enter_context(intra_op_threads(choice.threads))
             sampler.observe(ids)
             total, window = T0 + c.max_new_tokens, attention_window(model, c, T0)
             if c.use_cache:
-                decoder = IncrementalDecoder(model, batch_size=B)
+                decoder = make_decoder(model, c.backend, batch_size=B, threads=torch.get_num_threads())
                 cache = model.new_cache(B, window or total, sliding=bool(window))
                 logits = decoder.prefill(ids, cache)
             else:

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 from fastcore.basics import patch
 
-from .core import Config, ConfigError, KellyError, atomic_write, walk_files
+from .core import Config, ConfigError, KellyError, atomic_write, choose_threads, walk_files
 from .midi import (DEFAULT_QPM, DEFAULT_TIME_SIGNATURE, DRUM_PROGRAM, MIDI_MAX, NOTE_DTYPE, TEMPO_DTYPE,
                         TIME_SIGNATURE_DTYPE, MidiError, Music, Track, bar_length, bars, grid_offsets, load_midi,
                         nearest_values, snap_onsets, snap_time_signatures)
@@ -926,9 +926,10 @@ MIDI_SUFFIXES = (".mid", ".midi", ".kar", ".smf")  # file endings read as MIDI (
 _worker_tokenizer: Tokenizer | None = None
 
 def default_workers() -> int:
-    "The number of CPU cores this process may use."
-    try: return len(os.sched_getaffinity(0))
-    except AttributeError: return os.cpu_count() or 1
+    "Worker processes for corpus work: one per free core (the cores this process may use less other processes' load; `kelly.core.choose_threads`)."
+    choice = choose_threads("workers")
+    _log.debug("%s", choice.reason)
+    return choice.workers
 
 def _init_worker(tokenizer_json: str):
     global _worker_tokenizer

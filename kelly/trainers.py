@@ -39,8 +39,8 @@ from fastai.torch_core import get_model
 from fastcore.basics import noop
 from torch import nn
 
-from .core import (LOG_FORMAT, Config, ConfigError, KellyError, atomic_write, check_output_folder, ensure_folder, kelly_path, pick_device, seed_everything,
-                        write_json)
+from .core import (LOG_FORMAT, Config, ConfigError, KellyError, ThreadChoice, atomic_write, check_output_folder, choose_threads, ensure_folder,
+                        kelly_path, pick_device, seed_everything, write_json)
 from .tokenizer import Tokenizer, TokenizerConfig
 from .datasets import LMDataConfig, bach_chorales, lm_dataloaders
 from .models import MusicTransformer, TransformerConfig
@@ -239,6 +239,7 @@ class TrainConfig(Config):
     corpus_limit: int | None = None  # built-in corpus only: its first N chorales (a quick run)
     seed: int = 0  # seeds the model's initial weights and dropout (data.seed seeds split, windows and augmentation)
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1" or "mps"
+    threads: int | None = None  # intra-op threads per process (None: the available cores / the job's processes; recorded in its config.yaml, so a resume computes alike)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)  # the vocabulary
     data: LMDataConfig = dataclasses.field(default_factory=LMDataConfig)  # windows, batches, split, augmentation
     model: TransformerConfig = dataclasses.field(default_factory=_default_model)  # the network (vocab_size and max_len are filled in)
@@ -252,6 +253,7 @@ class TrainConfig(Config):
 
     def validate(self):
         "Check values beyond their types; raises `ConfigError` naming the key."
+        if self.threads is not None and self.threads < 1: raise ConfigError(f"config key 'threads': must be at least 1 (or null: chosen from the free cores), got {self.threads}")
         if self.name is not None and (not self.name.strip() or Path(self.name).name != self.name or self.name in (".", "..")):
             raise ConfigError(f"config key 'name': {self.name!r} must be a plain folder name (no '/')")
         if self.corpus_limit is not None:
@@ -314,7 +316,7 @@ def claim_run_folder(config: TrainConfig,  # `name` and `runs_dir` are read
         except FileExistsError: continue
     raise TrainerError(f"{root}: {MAX_RUNS_PER_SECOND} runs already started at {stamp}; name this one (--name)")
 
-# %% ../nbs/12_trainers.ipynb #84e5864e
+# %% ../nbs/12_trainers.ipynb #cf0a88d5
 RUN_LOCK_FILE = ".lock"  # inside a run folder: locked by the process writing the run
 _fcntl = importlib.import_module("fcntl") if os.name == "posix" else None
 
@@ -444,6 +446,9 @@ def _train(config, rank, world_size, device, resume, sample_fn, on_sample, cbs, 
         tok = Tokenizer(config.tokenizer)
         dls = lm_dataloaders(_corpus(config, progress and main), tok, config=config.data, rank=rank, world_size=world_size, device=device, progress=progress and main)
         _check_valid_batches(dls, world_size)
+        threads = _train_threads(config, run_dir, resume, world_size)
+        _log.info("%s", threads.reason)
+        config = dataclasses.replace(config, threads=threads.threads)
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
             config.save(run_dir/CONFIG_FILE)
@@ -455,6 +460,8 @@ def _train(config, rank, world_size, device, resume, sample_fn, on_sample, cbs, 
         seed_everything(config.seed)
         learn = lm_learner(dls, tok, model=config.model, optim=config.optim, cbs=[*callbacks, *(cbs or [])], path=run_dir, config=config, progress=progress)
         handler = _run_log_handler(run_dir/LOG_FILE) if main else None
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads.threads)
         try:
             _log.info("training %s (%.2fM parameters) on %s, %d process(es), run folder %s", type(learn.model).__name__,
                       learn.model.n_params() / 1e6, device, world_size, run_dir)
@@ -469,8 +476,18 @@ def _train(config, rank, world_size, device, resume, sample_fn, on_sample, cbs, 
                 bundle = save_bundle(run_dir/BUNDLE_DIR, model, tokenizer=tok, metadata=_bundle_metadata(config, run_dir, metrics), overwrite=True)
             _log.info("finished: %s", ", ".join(f"{k} {metrics[k]:.4g}" for k in ("valid_loss", "perplexity", "token_accuracy") if metrics.get(k) is not None))
         finally:
+            torch.set_num_threads(previous_threads)
             if handler is not None: logging.getLogger("kelly").removeHandler(handler); handler.close()
         return TrainResult(learn, run_dir, metrics, bundle)
+
+def _train_threads(config: TrainConfig, run_dir: Path, resume, world_size: int) -> ThreadChoice:
+    "The run's intra-op threads: the config's, else (resuming) the number the run recorded, else `choose_threads('train')`."
+    saved = run_dir/CONFIG_FILE
+    if config.threads is None and resume and saved.is_file():
+        recorded = TrainConfig.load(saved).threads
+        if recorded is not None:
+            return ThreadChoice(recorded, 1, f"train: {recorded} thread(s), as the resumed run recorded in {saved} (the same arithmetic as before)")
+    return choose_threads("train", override=config.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
 
 def bundled_weights(learn: Learner,  # after a fit, with kelly's `Checkpoint` (or without: the last weights)
                     ) -> tuple[nn.Module, dict]:

@@ -73,6 +73,15 @@ def test_train_then_generate_on_the_default_corpus(tmp_path, kelly_home):
     assert sorted(p.name for p in (tmp_path/"gen").iterdir()) == ["piece-000.mid", "piece-000.png", "piece-001.mid", "piece-001.png"]
     r = kelly("info", run/"bundle", home=kelly_home)
     assert r.returncode == 0 and '"run": "cli-e2e"' in r.stdout
+    # the ONNX Runtime backend decodes greedily to the same pieces as torch; INT8 writes pieces too
+    for backend in ("torch", "onnx", "int8"):
+        r = kelly("generate", "--model", run, "-n", "1", "--out", tmp_path/backend, "--max_new_tokens", "96", "--temperature", "0",
+                  "--backend", backend, "--no_piano_roll", home=kelly_home)
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert (tmp_path/backend/"piece-000.mid").is_file()
+    assert (tmp_path/"onnx"/"piece-000.mid").read_bytes() == (tmp_path/"torch"/"piece-000.mid").read_bytes()
+    r = kelly("generate", "--model", run, "--out", tmp_path/"x", "--backend", "tensorrt", home=kelly_home)
+    assert r.returncode == 1 and "'backend'" in r.stderr and "Traceback" not in r.stderr
 
 
 LONG_TRAIN = ["--corpus_limit", "8", "--model.n_layers", "2", "--model.width", "64", "--model.n_heads", "4", "--data.seq_len", "64",
