@@ -27,6 +27,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--virtual-time-budget=5000"]
 BROWSER_TIMEOUT_S = 120
+SITE_TIMEOUT_S = 3600   # with the notebooks already executed by the notebook tests it takes about a minute
 
 
 def _chromium():
@@ -39,11 +40,12 @@ def _chromium():
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def site(tmp_path_factory, kelly_home):
+    "The site, built after tests/test_notebooks.py (conftest.py orders it) so it reuses the executed notebooks in _proc/."
     if os.environ.get("KELLY_DOCS_SITE"): return Path(os.environ["KELLY_DOCS_SITE"])
     out = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, str(ROOT/"tools"/"build_docs.py"), "--no-readme", "--site-dir", str(out)],
-                   check=True, cwd=ROOT, timeout=900)
+                   check=True, cwd=ROOT, timeout=SITE_TIMEOUT_S, env={**os.environ, "KELLY_HOME": str(kelly_home)})
     return out
 
 
