@@ -43,6 +43,7 @@ ASSETS = "outputs"                 # folder of the site (beside the pages) holdi
 PLOT_FORMAT = "png"                # matplotlib figures on the pages: plain PNG (retina doubles every side)
 MAX_TEXT_LINES = 40                # longer text outputs are cut to this many lines on the page
 DATA_URI = re.compile(r"""(src|href)=(["'])data:(image|audio)/([\w.+-]+);base64,([A-Za-z0-9+/=\s]+)\2""")
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 MIME_EXT = {"png": "png", "jpeg": "jpg", "svg+xml": "svg", "wav": "wav", "x-wav": "wav", "mpeg": "mp3", "ogg": "ogg", "flac": "flac"}
 PROC_VERSION = 1                   # bump when processing changes what lands in _proc/ (invalidates the cache)
 CACHE_INPUTS = ("settings.ini", "tools/docs_render.py")  # besides the notebook, kelly/*.py and PROC_VERSION
@@ -106,8 +107,11 @@ class Assets:
 def _text(v) -> str: return "".join(v) if isinstance(v, list) else str(v)
 
 
+ANSI = re.compile(r"\x1B(?:[@-Z\\-_]|\[[0-?]*[ -/]*[@-~])")   # terminal colour codes in captured output
+
+
 def _pre(text: str) -> str:
-    lines = text.rstrip("\n").splitlines()
+    lines = ANSI.sub("", text).rstrip("\n").splitlines()
     if len(lines) > MAX_TEXT_LINES: lines = lines[:MAX_TEXT_LINES] + [f"... ({len(lines) - MAX_TEXT_LINES} more lines)"]
     return f'<pre class="cell-output-text">{html.escape(chr(10).join(lines))}</pre>' if lines else ""
 
@@ -122,6 +126,7 @@ def outputs_to_html(cell, assets: Assets) -> str:
             continue
         if kind not in ("execute_result", "display_data"): continue
         data = out.get("data", {})
+        if WIDGET_MIME in data: continue   # a live widget needs a kernel; its text repr says nothing on a static page
         img = next((m for m in ("image/png", "image/jpeg") if m in data), None)
         if img:
             src = assets.save(base64.b64decode(_text(data[img])), MIME_EXT[img.split("/")[1]])
@@ -227,7 +232,8 @@ def test_flags() -> set:
 
 
 def cache_key(nb_path: Path, execute: bool) -> str:
-    "Hash of what a processed notebook depends on: the notebook, the package's modules, this tooling, and the mode."
+    """Hash of what a processed notebook depends on: the notebook, the package's modules, the gallery files, the
+    show_doc renderer, settings.ini, `PROC_VERSION` and whether it was executed."""
     h = hashlib.sha256(f"version={PROC_VERSION} execute={execute}\n".encode())
     for p in [Path(nb_path), *sorted((ROOT/"kelly").glob("*.py")), *(ROOT/c for c in CACHE_INPUTS),
               *sorted(f for f in GALLERY.rglob("*") if f.is_file())]:
@@ -251,7 +257,7 @@ def _procs(execute: bool, nb_name: str = ""):
             self.k.run_cell("from nbdev.showdoc import show_doc")
 
         def __call__(self, cell):
-            if cell.cell_type != "code" or not cell.source or "nbdev_export" + "()" in cell.source: return
+            if cell.cell_type != "code" or not cell.source or "nbdev_export" + "(" in cell.source: return
             d = cell.directives_ or {}
             if d.get("eval:", [""])[0].lower() == "false" or flags & d.keys(): return
             self.k.cell(cell)
@@ -262,16 +268,23 @@ def _procs(execute: bool, nb_name: str = ""):
     return [exec_examples if p is exec_show_docs else p for p in FilterDefaults().procs()]
 
 
+def is_fresh(nb_path: Path, execute: bool = True) -> bool:
+    "Whether `_proc/` holds this notebook processed from exactly its current inputs."
+    nb_path = Path(nb_path)
+    out, key_file = PROC/nb_path.name, PROC/f"{nb_path.stem}.key"
+    return out.exists() and key_file.exists() and key_file.read_text() == cache_key(nb_path, execute)
+
+
 def process_notebook(nb_path, *, execute: bool = True, force: bool = False) -> Path:
     """Process (and with `execute`, run) one notebook into `_proc/<name>.ipynb`; reuse it while its cache key holds.
     Raises `DocsBuildError` naming the notebook and the cell that failed."""
-    from execnb.nbio import read_nb, write_nb
-    from nbdev.process import NBProcessor
-    import docs_render
     nb_path = Path(nb_path).resolve()
     out, key_file = PROC/nb_path.name, PROC/f"{nb_path.stem}.key"
     key = cache_key(nb_path, execute)
-    if not force and out.exists() and key_file.exists() and key_file.read_text() == key: return out
+    if not force and is_fresh(nb_path, execute): return out
+    from execnb.nbio import read_nb, write_nb
+    from nbdev.process import NBProcessor
+    import docs_render
     PROC.mkdir(exist_ok=True)
     key_file.unlink(missing_ok=True)
     docs_render.install(f"{nb_path.stem}.html")
@@ -300,10 +313,12 @@ def _process_one(args):
 
 def process_notebooks(force: bool = False, *, execute: bool = True, workers: int = 2) -> Path:
     "Process every documented notebook into `_proc/` (in `workers` fresh processes); raise naming every failure."
-    todo = [(p, execute, force) for p in notebooks()]
+    todo = [(p, execute, force) for p in notebooks() if force or not is_fresh(p, execute)]
+    print(f"  {len(notebooks()) - len(todo)} notebooks already processed in {PROC}, {len(todo)} to process", flush=True)
     ctx = multiprocessing.get_context("spawn")
     failures = []
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1) as ex:
+    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}   # a new process per notebook
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, **fresh) as ex:
         for nb_path, out, err, secs in ex.map(_process_one, todo):
             print(f"  {nb_path.name}: {'FAILED' if err else 'ok'} ({secs:.1f} s)", flush=True)
             if err: failures.append(f"{nb_path.name}: {err}")
