@@ -23,3 +23,8 @@ def kelly_home(tmp_path_factory):
     home = Path(os.environ.get("KELLY_TEST_HOME") or tmp_path_factory.mktemp("kelly_home"))
     home.mkdir(parents=True, exist_ok=True)
     return home
+
+
+def pytest_collection_modifyitems(session, config, items):
+    "The docs tests run last: the site they build reuses the notebooks that tests/test_notebooks.py executed."
+    items.sort(key=lambda item: Path(str(item.fspath)).name == "test_docs.py")
