@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from .core import Config, ConfigError, KellyError
+from .core import Config, ConfigError, KellyError, choose_threads, intra_op_threads
 from .audio import spectrogram
 from .codec import Codec
 from .prior import CodePrior, PriorError
@@ -37,6 +37,7 @@ class CodeSamplingConfig(Config):
     top_k: int = DEFAULT_TOP_K  # sample among the k most likely codes (0: no limit)
     top_p: float = 1.0  # nucleus: the fewest most likely codes holding this much probability (1: no limit)
     seed: int | None = None  # seed of the sampling generator (None: torch's global generator)
+    threads: int | None = None  # intra-op threads while decoding (None: chosen per batch size, `kelly.core.choose_threads`)
     use_cache: bool = True  # KV-cached decoding; False recomputes the window at every step (slow reference)
     window: int | None = None  # frames the prior sees at once (None: its training window, `max_frames`)
     keep: float = 0.5  # share of a full window kept as the prompt of the next one (re-prompting)
@@ -122,8 +123,10 @@ def sample_codes(prior: CodePrior,  # the code prior
     s0, reprompts, steps = P - p, [], 0
     was_training = prior.training
     prior.eval()
+    choice = choose_threads("decode", batch_size=B, override=c.threads)
+    _log.info("%s", choice.reason)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), intra_op_threads(choice.threads):
             while done < total:
                 steps += _window(prior, codes, s0, min(W, total - s0), done, c, generator)
                 if s0 > 0 or P > 0: reprompts.append(done)
