@@ -346,7 +346,7 @@ def prior_dataloaders(cache: CodeCache,  # the encoded corpus
     return dls
 
 # %% ../nbs/12b_prior_trainer.ipynb #4c4f3011
-PRIOR_JOB_STEPS = 600  # training steps of `kelly audio train-prior` (sized for the 15-minute budget on 2 CPU cores; see the notes for measured times)
+PRIOR_JOB_STEPS = 500  # training steps of `kelly audio train-prior`: 1.5 s each on 2 idle CPU cores, the whole job about 14 min
 
 PRIOR_JOB_BATCH = 8  # windows of 5 s per step of the default job
 
