@@ -86,8 +86,10 @@ def compare_patterns(args):
     from kelly.reliability import ReliabilityConfig
     print(f"== delay vs flat, {args.compare_patterns} steps each, windows of {args.frames} frames (load {load()})")
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))/f"kelly-bench-prior-{os.getpid()}"
+    from kelly.cli import newest_bundle
+    codec = Path(args.codec) if args.codec else newest_bundle(kind="codec")
     for pattern in ("delay", "flat"):
-        cfg = PriorTrainConfig(name=f"bench-{pattern}", runs_dir=tmp, codec=args.codec, device="cpu",
+        cfg = PriorTrainConfig(name=f"bench-{pattern}", runs_dir=tmp, codec=codec, device="cpu",
                                data=PriorDataConfig(bs=8, windows_per_epoch=8 * args.compare_patterns),
                                model=PriorConfig(pattern=pattern, max_frames=args.frames),
                                reliability=ReliabilityConfig(checkpoint_every=0, sample_every=0))
