@@ -431,7 +431,8 @@ def cmd_audio_generate(args,  # parsed arguments of `kelly audio generate`
           f"({report['realtime_factor']:.2f}x realtime: sampling {report['sample_seconds']:.1f} s, decoding {report['decode_seconds']:.1f} s)", file=out)
     for piece in report["pieces"]:
         seams, mem = piece["seams"]["all"], piece["memorisation"]
-        seam = f"seams {seams['ratio']:.2f}x interior flux over {seams['n_boundaries']} joins" if seams["ratio"] is not None else "no joins"
+        seam = (f"seams {seams['ratio']:.2f}x interior flux over {seams['n_boundaries']} joins" if seams["ratio"] is not None else
+                "no joins" if not seams["n_boundaries"] else f"seams not measurable at {seams['n_boundaries']} joins (no spectral change away from them: silence)")
         copied = (f"memorisation: {mem['share']:.1%} of 0.5 s n-grams found, longest copy {mem['longest_seconds']:.1f} s"
                   + (f" from {mem['source']}" if mem["source"] else "") + (" FLAGGED" if mem["flagged"] else "")) if mem else f"memorisation not checked ({report['memorisation_note']})"
         print(f"{Path(args.out)/piece['wav']}: {piece['seconds']:.1f} s; {seam}; {copied}", file=out)
