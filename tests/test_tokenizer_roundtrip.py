@@ -134,5 +134,5 @@ def test_mixed_folder(tmp_path, written):
     for name, reason in failed.items(): assert name in reason
     assert report.n_files == 8 and report.matched == report.total > 0
     lines = report.lines()
-    assert lines[0] == f"roundtrip: {report.matched}/{report.total} notes (100.00%)"
+    assert lines[0] == f"roundtrip: {report.matched}/{report.total} notes (100.00%) in 4 of 8 file(s); 4 failed, 0 skipped"   # failures counted
     assert len(lines) == 5 and all(str(d) in line for line in lines[1:])
