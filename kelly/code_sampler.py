@@ -93,7 +93,7 @@ def _as_prompt_codes(prompt, n: int, prior: CodePrior, device) -> torch.Tensor:
     if p.numel() and (int(p.min()) < 0 or int(p.max()) >= K): raise PriorError(f"prompt codes must lie in [0, {K}), got {int(p.min())}..{int(p.max())}")
     return p.contiguous()
 
-def _check_size(n: int, frames: int, Q: int):
+def _check_size(frames: int):
     "Refuse a request too long for one call before anything is allocated."
     if frames > MAX_CODE_FRAMES:
         raise PriorError(f"{frames} frames asked for in one call, the limit is {MAX_CODE_FRAMES} (an hour at 50 Hz); generate in parts")
@@ -114,8 +114,8 @@ def sample_codes(prior: CodePrior,  # the code prior
     prompt = _as_prompt_codes(prompt, n, prior, device)
     B, P = prompt.shape[0], prompt.shape[-1]
     new = max(1, round(c.seconds * pc.frame_rate))
-    _check_size(B, P + new, pc.n_codebooks)
-    W = min(c.window or pc.max_frames, pc.max_frames * 64)
+    _check_size(P + new)
+    W = c.window or pc.max_frames
     keep = min(max(1, int(W * c.keep)), W - 1)
     codes = torch.cat([prompt, torch.zeros(B, pc.n_codebooks, new, dtype=torch.long, device=device)], -1)
     generator = torch.Generator(device=device).manual_seed(c.seed) if c.seed is not None else None
@@ -257,16 +257,15 @@ def decode_long(codec: Codec,  # the codec that made (or models) the codes
         s, e = a * hop, min(end * hop, total) if end < T else total
         seg = y[:, s - lo * hop:e - lo * hop]
         if seg.shape[-1] < e - s: seg = torch.nn.functional.pad(seg, (0, e - s - seg.shape[-1]))
+        if a > 0: boundaries.append(s)
         if a == 0 or X == 0: out[:, s:e] = seg
         else:
-            boundaries.append(s)
             n = min(X, e - s)
             r = _correlation(out[:, s:s + n], seg[:, :n])
             for i in range(B):
                 g_in, g_out = (torch.from_numpy(g).to(out.device) for g in crossfade_gains(n, float(r[i])))
                 out[i, s:s + n] = out[i, s:s + n] * g_out + seg[i, :n] * g_in
             out[:, s + n:e] = seg[:, n:]
-        if a > 0 and X == 0: boundaries.append(s)
     return LongAudio(out, boundaries)
 
 # %% ../nbs/08a_code_sampler.ipynb #620612c7

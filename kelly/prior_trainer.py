@@ -35,7 +35,7 @@ from fastai.optimizer import Adam
 from fastai.torch_core import get_model
 from fastcore.basics import noop
 
-from .core import Config, ConfigError, KellyError, kelly_path, pick_device, seed_everything, write_json
+from .core import Config, ConfigError, KellyError, kelly_path, pick_device, seed_everything, sha256_file, write_json
 from .audio import plot_spectrogram, save_audio
 from .datasets import CounterRNG, DatasetError, WindowLoader, split_by_piece
 from .audio_datasets import AudioCache, bach_chorales_audio
@@ -100,7 +100,7 @@ class CodeCache:
         size = f.stat().st_size if f.is_file() else -1
         if size != self.n_frames * self.n_codebooks * np.dtype(CODE_DTYPE).itemsize:
             raise DatasetError(f"{str(f)!r}: code cache file is {size} bytes, its manifest says {self.n_frames} frames × {self.n_codebooks} codebooks; delete the folder to rebuild it")
-        if verify and _sha256(f) != m["codes"]["sha256"]: raise DatasetError(f"{str(f)!r}: code cache file does not match its checksum; delete the folder to rebuild it")
+        if verify and sha256_file(f) != m["codes"]["sha256"]: raise DatasetError(f"{str(f)!r}: code cache file does not match its checksum; delete the folder to rebuild it")
         self._codes = None
 
     @classmethod
@@ -152,12 +152,6 @@ class CodeCache:
     def __getstate__(self): return {**self.__dict__, "_codes": None}
     def __repr__(self): return (f"CodeCache({str(self.folder)!r}, {len(self)} files, {self.n_frames} frames × {self.n_codebooks} codebooks, "
                                 f"{self.n_frames / self.frame_rate / 3600:.2f} h, codec {self.codec_hash[:12]})")
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
-    return h.hexdigest()
 
 def _build_code_cache(folder: Path, audio: AudioCache, codec: Codec, codec_hash: str, progress: bool):
     "Encode every file of `audio` into `folder`: codes to a temporary file, renamed, then the manifest last."
