@@ -418,7 +418,7 @@ def cmd_audio_train_prior(args,  # parsed arguments of `kelly audio train-prior`
 def cmd_audio_generate(args,  # parsed arguments of `kelly audio generate`
                        out=None,  # where to print (default stdout)
                        ) -> int:
-    "Generate audio clips with a code prior and its codec: WAV + PNG per clip and a JSON report (seams, memorisation, codebook usage)."
+    "Generate audio clips with a code prior and its codec: WAV + PNG per clip and a JSON report (seams, memorisation, silence, codebook usage)."
     out = out or sys.stdout
     check_output_folder(args.out)
     sampling = config_from_args(args, CodeSamplingConfig, base=CLI_CODE_SAMPLING)
@@ -435,7 +435,10 @@ def cmd_audio_generate(args,  # parsed arguments of `kelly audio generate`
                 "no joins" if not seams["n_boundaries"] else f"seams not measurable at {seams['n_boundaries']} joins (no spectral change away from them: silence)")
         copied = (f"memorisation: {mem['share']:.1%} of 0.5 s n-grams found, longest copy {mem['longest_seconds']:.1f} s"
                   + (f" from {mem['source']}" if mem["source"] else "") + (" FLAGGED" if mem["flagged"] else "")) if mem else f"memorisation not checked ({report['memorisation_note']})"
-        print(f"{Path(args.out)/piece['wav']}: {piece['seconds']:.1f} s; {seam}; {copied}", file=out)
+        quiet = piece["silence"]
+        music = (f"music {quiet['music_seconds']:.1f} s, then silent for {quiet['longest_silent_seconds']:.1f} s FLAGGED" if quiet["flagged"]
+                 else f"music throughout ({quiet['silent_share']:.0%} silent frames)")
+        print(f"{Path(args.out)/piece['wav']}: {piece['seconds']:.1f} s; {music}; {seam}; {copied}", file=out)
     print(Path(args.out)/REPORT_FILE, file=out)
     return 0
 

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['CODE_CACHE_DIR', 'CODE_CACHE_VERSION', 'CODE_CACHE_MANIFEST', 'CODE_DTYPE', 'ENCODE_CHUNK_FRAMES',
-           'ENCODE_CONTEXT_FRAMES', 'PRIOR_JOB_STEPS', 'PRIOR_JOB_BATCH', 'REPORT_FILE', 'encode_long', 'CodeCache',
-           'CodeWindows', 'RandomCodeWindows', 'SlidingCodeWindows', 'CodeLoader', 'PriorDataConfig',
-           'prior_dataloaders', 'PriorTrainConfig', 'find_codec', 'prior_learner', 'train_prior', 'codebook_usage',
-           'memorisation_index', 'generate_audio']
+           'ENCODE_CONTEXT_FRAMES', 'PIECE_TAIL_SECONDS', 'PRIOR_JOB_STEPS', 'PRIOR_JOB_BATCH', 'REPORT_FILE',
+           'music_span', 'encode_long', 'CodeCache', 'CodeWindows', 'RandomCodeWindows', 'SlidingCodeWindows',
+           'CodeLoader', 'PriorDataConfig', 'prior_dataloaders', 'PriorTrainConfig', 'find_codec', 'prior_learner',
+           'train_prior', 'codebook_usage', 'memorisation_index', 'generate_audio']
 
 # %% ../nbs/12b_prior_trainer.ipynb #12921258
 import dataclasses
@@ -42,7 +42,7 @@ from .audio_datasets import AudioCache, bach_chorales_audio
 from .codec import Codec
 from .prior import CodePattern, CodePrior, CodeCrossEntropy, PriorConfig
 from .code_sampler import CodeSamplingConfig, decode_long, encode_prompt, sample_codes, seam_ratio
-from .code_evaluation import CodeNgramIndex, MAX_COPIED_SECONDS
+from .code_evaluation import CodeNgramIndex, MAX_COPIED_SECONDS, MAX_SILENT_SECONDS, silence_report, silent_frames
 from .exporters import PRIOR_CODEC_DIR, AudioCodes, Bundle, PriorWithCodec, load_bundle, load_prior, save_bundle
 from .checkpoints import load_checkpoint
 from .distributed import distributed_session
@@ -55,12 +55,23 @@ _log = logging.getLogger(__name__)
 
 # %% ../nbs/12b_prior_trainer.ipynb #6b1d21d1
 CODE_CACHE_DIR = "code_cache"  # default caches live in `kelly_path(CODE_CACHE_DIR, ...)`
-CODE_CACHE_VERSION = 1  # format of the cache's manifest
+CODE_CACHE_VERSION = 2  # format of the cache's manifest (2: per-file spans of music)
 CODE_CACHE_MANIFEST = "manifest.json"
 CODE_DTYPE = np.int16  # codes are stored as int16 (codebooks of up to 32,768 codes)
 ENCODE_CHUNK_FRAMES = 3000  # frames encoded per codec call while building (60 s at 50 Hz): bounds memory on long files
 ENCODE_CONTEXT_FRAMES = 32  # frames of context on each side of a chunk (the frame encoder reaches ±15)
 _HASH_CHARS = 16  # hex digits of hashes in folder names
+PIECE_TAIL_SECONDS = 0.5  # silence kept after a file's last sounding frame (its release and a breath before the next piece)
+
+def music_span(y: np.ndarray,  # float32 audio `[T]` at the codec's rate
+               hop: int,  # samples per code frame
+               n_frames: int,  # code frames of the file
+               tail: int,  # silent frames kept after the last sounding frame
+               ) -> tuple[int, int]:
+    "`(start, stop)` code frames from the first to the last sounding frame (+ `tail`); `(0, 0)` for a silent file."
+    sounding = np.nonzero(~silent_frames(y, hop))[0]
+    if not len(sounding): return 0, 0
+    return min(int(sounding[0]), n_frames), min(int(sounding[-1]) + 1 + tail, n_frames)
 
 def encode_long(codec: Codec,  # the codec
                 y: np.ndarray,  # float32 audio `[T]` at the codec's rate
@@ -96,6 +107,9 @@ class CodeCache:
         self.n_codebooks, self.codebook_size, self.frame_rate = int(m["n_codebooks"]), int(m["codebook_size"]), float(m["frame_rate"])
         self.offsets = np.asarray(m["offsets"], np.int64)
         self.n_frames = int(self.offsets[-1])
+        self.spans = np.asarray(m["spans"], np.int64).reshape(-1, 2)
+        if len(self.spans) != len(self.names) or (self.spans[:, 1] > self.lengths).any() or (self.spans[:, 0] > self.spans[:, 1]).any():
+            raise DatasetError(f"{str(mpath)!r}: the code cache's spans do not fit its files; delete the folder to rebuild it")
         f = self.folder/m["codes"]["file"]
         size = f.stat().st_size if f.is_file() else -1
         if size != self.n_frames * self.n_codebooks * np.dtype(CODE_DTYPE).itemsize:
@@ -144,6 +158,11 @@ class CodeCache:
         stop = b - a if stop is None else min(stop, b - a)
         return np.asarray(self.codes[a + start:a + stop], np.int64).T
 
+    def music(self, doc: int) -> np.ndarray:
+        "Codes `[Q, frames]` int64 of file `doc`'s music (its span: leading silence and the closing silence past the tail left out)."
+        a, b = self.spans[doc]
+        return self.read(doc, int(a), int(b))
+
     def first_codebook(self, docs: Sequence[int] | None = None) -> list[np.ndarray]:
         "The first codebook's codes of each file (of `docs`, default all): what the memorisation index is built on."
         return [np.asarray(self.codes[self.offsets[i]:self.offsets[i + 1], 0]) for i in (range(len(self)) if docs is None else docs)]
@@ -161,14 +180,17 @@ def _build_code_cache(folder: Path, audio: AudioCache, codec: Codec, codec_hash:
     codec.eval()
     q = codec.config.quantizer
     if q.codebook_size > np.iinfo(CODE_DTYPE).max + 1: raise DatasetError(f"codebooks of {q.codebook_size} codes do not fit the cache's {np.dtype(CODE_DTYPE).name}")
-    offsets, digest = [0], hashlib.sha256()
+    offsets, spans, digest = [0], [], hashlib.sha256()
+    tail = int(round(PIECE_TAIL_SECONDS * codec.config.frame_rate))
     fd, tmp = tempfile.mkstemp(prefix=".codes-", suffix=".tmp", dir=folder)
     start = time.perf_counter()
     try:
         with os.fdopen(fd, "wb") as f:
             docs = range(len(audio))
             for i in (progress_bar(docs) if progress else docs):
-                codes = encode_long(codec, audio.doc(i)).T.astype(CODE_DTYPE)   # [frames, Q]
+                y = audio.doc(i)
+                codes = encode_long(codec, y).T.astype(CODE_DTYPE)   # [frames, Q]
+                spans.append(music_span(y, codec.config.hop, len(codes), tail))
                 data = np.ascontiguousarray(codes).tobytes()
                 f.write(data); digest.update(data)
                 offsets.append(offsets[-1] + len(codes))
@@ -185,7 +207,7 @@ def _build_code_cache(folder: Path, audio: AudioCache, codec: Codec, codec_hash:
     write_json(folder/CODE_CACHE_MANIFEST, {
         "format": CODE_CACHE_VERSION, "codec_hash": codec_hash, "corpus_key": audio.corpus_key, "audio_cache": str(audio.folder),
         "n_codebooks": q.n_codebooks, "codebook_size": q.codebook_size, "frame_rate": codec.config.frame_rate,
-        "docs": list(audio.names), "offsets": offsets, "codes": {"file": name, "sha256": digest.hexdigest()}})
+        "docs": list(audio.names), "offsets": offsets, "spans": spans, "codes": {"file": name, "sha256": digest.hexdigest()}})
     for p in folder.glob("codes-*.bin"):
         if p.name != name: p.unlink(missing_ok=True)
     _log.info("encoded %d files (%d frames, %.2f h) with codec %s into %s in %.1f s", len(audio), offsets[-1],
@@ -193,35 +215,54 @@ def _build_code_cache(folder: Path, audio: AudioCache, codec: Codec, codec_hash:
 
 # %% ../nbs/12b_prior_trainer.ipynb #b1ce4749
 class CodeWindows:
-    "Windows of `frames` frames over files of a `CodeCache`, laid out by a pattern as `(input, target)` ids `[L, S]`."
+    "Windows of `frames` frames over the music spans of files of a `CodeCache`, laid out by a pattern as `(input, target)` ids `[L, S]`."
+    join = False  # whether a window runs on from the end of one file's music into the next file's
+
     def __init__(self, cache: CodeCache,  # the encoded corpus
                  pattern: CodePattern,  # the prior's pattern
                  frames: int,  # frames per window (the prior's `max_frames`)
-                 docs: Sequence[int] | None = None,  # files to use (default: all)
+                 docs: Sequence[int] | None = None,  # files to use (default: all; silent files are left out)
                  ):
         if frames < 1: raise DatasetError(f"window length must be at least 1 frame, got {frames}")
         if (pattern.n_codebooks, pattern.codebook_size) != (cache.n_codebooks, cache.codebook_size):
             raise DatasetError(f"the pattern is for {pattern.n_codebooks} × {pattern.codebook_size} codes, the cache {str(cache.folder)!r} "
                                f"holds {cache.n_codebooks} × {cache.codebook_size}")
         self.cache, self.pattern, self.frames = cache, pattern, int(frames)
-        self.docs = np.arange(len(cache), dtype=np.int64) if docs is None else np.asarray(docs, dtype=np.int64)
-        if self.docs.size == 0: raise DatasetError(f"no files selected from code cache {str(cache.folder)!r}")
-        self.lengths = cache.lengths[self.docs]
+        docs = np.arange(len(cache), dtype=np.int64) if docs is None else np.asarray(docs, dtype=np.int64)
+        spans = cache.spans[docs]
+        self.docs = docs[spans[:, 1] > spans[:, 0]]
+        if self.docs.size == 0: raise DatasetError(f"no files with music selected from code cache {str(cache.folder)!r}")
+        self.starts = cache.spans[self.docs, 0]
+        self.lengths = cache.spans[self.docs, 1] - self.starts
         self.length = 1 + pattern.n_steps(self.frames)
 
+    def frames_at(self, doc: int,  # position in `self.docs`
+                  start: int,  # first frame, counted from the start of that file's music
+                  ) -> np.ndarray:
+        "Codes `[Q, ≤ frames]` from `start`: up to the end of the file's music, or on into the next files' music when `join`."
+        parts, need, doc, start = [], self.frames, int(doc), int(start)
+        while need > 0:
+            a = int(self.starts[doc]) + start
+            b = a + min(need, int(self.lengths[doc]) - start)
+            parts.append(self.cache.read(int(self.docs[doc]), a, b))
+            need -= b - a
+            if not self.join: break
+            doc, start = (doc + 1) % len(self.docs), 0
+        return np.concatenate(parts, 1)
+
     def window(self, doc: int,  # position in `self.docs`
-               start: int,  # first frame
+               start: int,  # first frame, counted from the start of that file's music
                ) -> tuple[np.ndarray, np.ndarray]:
-        "`(input, target)` int64 `[L, S]` of the window at `start` (a short file's window ends in blanks)."
-        codes = torch.from_numpy(self.cache.read(int(self.docs[doc]), start, start + self.frames))[None]
+        "`(input, target)` int64 `[L, S]` of the window at `start` (a window that runs past the music ends in blanks unless it joins the next file)."
+        codes = torch.from_numpy(self.frames_at(doc, start))[None]
         seq = self.pattern.to_sequence(codes)[0].numpy()
         if len(seq) < self.length: seq = np.concatenate([seq, np.full((self.length - len(seq), seq.shape[1]), self.pattern.blank, np.int64)])
         return seq[:-1], seq[1:]
 
     def fingerprint(self) -> str:
         "A hash of what the windows are cut from: codec, audio, pattern, file selection and length."
-        h = hashlib.sha256(f"{self.cache.codec_hash}\t{self.cache.corpus_key}\t{self.pattern!r}\t{self.frames}\t".encode())
-        h.update(self.docs.tobytes())
+        h = hashlib.sha256(f"{self.cache.codec_hash}\t{self.cache.corpus_key}\t{self.pattern!r}\t{self.frames}\t{self.join}\t".encode())
+        h.update(self.docs.tobytes()); h.update(self.starts.tobytes()); h.update(self.lengths.tobytes())
         return h.hexdigest()[:_HASH_CHARS]
 
     def __getitem__(self, index: int): return self.item(index)
@@ -232,14 +273,16 @@ def _check_state(ds: CodeWindows, state: dict, kind: str):
         raise DatasetError("saved data state was cut from other codes, another pattern or split; resume with the same codec, data and seed")
 
 class RandomCodeWindows(CodeWindows):
-    "Training windows drawn uniformly among all window positions of the selected files."
+    "Training windows drawn uniformly among all window positions of the selected files (with `join`, every frame of their music starts one)."
     def __init__(self, cache: CodeCache, pattern: CodePattern, frames: int, docs: Sequence[int] | None = None, *,
                  seed: int = 0,  # seeds which windows are drawn
                  windows_per_epoch: int | None = None,  # default: enough windows to cover the selected frames once
+                 join: bool = True,  # windows run on from one file's music into the next file's (in `docs` order, the last into the first)
                  ):
+        self.join = bool(join)
         super().__init__(cache, pattern, frames, docs)
         self.rng = CounterRNG(seed)
-        self.cum_starts = np.cumsum(np.maximum(self.lengths - self.frames + 1, 1))
+        self.cum_starts = np.cumsum(self.lengths if self.join else np.maximum(self.lengths - self.frames + 1, 1))
         self.windows_per_epoch = int(windows_per_epoch or max(1, math.ceil(int(self.lengths.sum()) / self.frames)))
         if self.windows_per_epoch < 1: raise DatasetError(f"windows_per_epoch must be positive, got {windows_per_epoch}")
 
@@ -255,7 +298,7 @@ class RandomCodeWindows(CodeWindows):
 
     def state_dict(self) -> dict:
         "What determines these windows, as plain data."
-        return {"kind": "random", "seed": self.rng.seed, "windows_per_epoch": self.windows_per_epoch, "fingerprint": self.fingerprint()}
+        return {"kind": "random", "seed": self.rng.seed, "windows_per_epoch": self.windows_per_epoch, "join": self.join, "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict):
         "Take the seed of a saved run; refuse one cut from other codes."
@@ -263,7 +306,7 @@ class RandomCodeWindows(CodeWindows):
         self.rng, self.windows_per_epoch = CounterRNG(state["seed"]), int(state["windows_per_epoch"])
 
 class SlidingCodeWindows(CodeWindows):
-    "Validation windows: every selected file in steps of `frames`, deterministic."
+    "Validation windows: every selected file's music in steps of `frames`, deterministic, one file per window."
     def __init__(self, cache: CodeCache, pattern: CodePattern, frames: int, docs: Sequence[int] | None = None):
         super().__init__(cache, pattern, frames, docs)
         self.cum_counts = np.cumsum(1 + -(-np.maximum(self.lengths - self.frames, 0) // self.frames))
@@ -311,6 +354,7 @@ class PriorDataConfig(Config):
     valid_frac: float = 0.1  # fraction of pieces held out for validation
     seed: int = 0  # seeds the split and the training windows
     windows_per_epoch: int | None = None  # training windows per epoch (default: cover the training frames once)
+    join_pieces: bool = True  # training windows run on from one piece's music into the next (the prior learns that silence ends)
     num_workers: int = 0  # DataLoader worker processes
     version: int = 1  # format of this config
 
@@ -329,7 +373,7 @@ def prior_dataloaders(cache: CodeCache,  # the encoded corpus
     "fastai `DataLoaders` of `(x, y)` int64 `[bs, L, S]` windows: random for training, sliding over held-out pieces for validation."
     config = config or PriorDataConfig()
     train_docs, valid_docs = split_by_piece(cache.names, config.valid_frac, seed=config.seed)
-    train = RandomCodeWindows(cache, pattern, frames, train_docs, seed=config.seed, windows_per_epoch=config.windows_per_epoch)
+    train = RandomCodeWindows(cache, pattern, frames, train_docs, seed=config.seed, windows_per_epoch=config.windows_per_epoch, join=config.join_pieces)
     valid = SlidingCodeWindows(cache, pattern, frames, valid_docs)
     loaders = [CodeLoader(ds, bs=config.bs, rank=rank, world_size=world_size, num_workers=config.num_workers, device=device) for ds in (train, valid)]
     if len(loaders[0]) == 0:
@@ -584,12 +628,12 @@ def generate_audio(pair: PriorWithCodec,  # a prior and its codec (`load_prior`)
             pieces.append({"wav": f"{name}.wav", "png": f"{name}.png", "codes": f"{name}.npz", "seconds": len(y) / sr, "prompt_seconds": gen.prompt_frames / gen.frame_rate,
                            "seams": {"codec_chunks": seam_ratio(y, audio.boundaries), "reprompts": seam_ratio(y, [f * hop for f in gen.reprompts if 0 < f * hop < len(y)]),
                                      "all": seam_ratio(y, joins)},
-                           "memorisation": mem, "codebook_usage": codebook_usage(gen.codes[i, :, gen.prompt_frames:], prior.config.codebook_size)})
+                           "memorisation": mem, "silence": silence_report(y[gen.prompt_frames * hop:], sr, hop).to_dict(), "codebook_usage": codebook_usage(gen.codes[i, :, gen.prompt_frames:], prior.config.codebook_size)})
         report = {"prior": str(pair.prior.path), "codec": str(pair.codec.path), "codec_hash": pair.codec.model_hash, "n": n,
                   "sampling": config.to_dict(), "prompt": str(prompt) if prompt else None, "decoding_steps": gen.steps,
                   "sample_seconds": round(t1 - t0, 3), "decode_seconds": round(t2 - t1, 3),
                   "realtime_factor": round(gen.seconds / (t2 - t0), 3), "memorisation_checked": index is not None, "memorisation_note": why,
-                  "max_copied_seconds": MAX_COPIED_SECONDS, "pieces": pieces}
+                  "max_copied_seconds": MAX_COPIED_SECONDS, "max_silent_seconds": MAX_SILENT_SECONDS, "pieces": pieces}
         write_json(tmp/REPORT_FILE, report)
         for p in sorted(tmp.iterdir()): os.replace(p, out/p.name)
     finally:
