@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['CODE_CACHE_DIR', 'CODE_CACHE_VERSION', 'CODE_CACHE_MANIFEST', 'CODE_DTYPE', 'ENCODE_CHUNK_FRAMES',
-           'ENCODE_CONTEXT_FRAMES', 'PIECE_TAIL_SECONDS', 'PRIOR_JOB_STEPS', 'PRIOR_JOB_BATCH', 'REPORT_FILE',
-           'music_span', 'encode_long', 'CodeCache', 'CodeWindows', 'RandomCodeWindows', 'SlidingCodeWindows',
-           'CodeLoader', 'PriorDataConfig', 'prior_dataloaders', 'PriorTrainConfig', 'find_codec', 'prior_learner',
-           'train_prior', 'codebook_usage', 'memorisation_index', 'generate_audio']
+           'ENCODE_CONTEXT_FRAMES', 'PRIOR_JOB_STEPS', 'PRIOR_JOB_BATCH', 'REPORT_FILE', 'music_span', 'encode_long',
+           'CodeCache', 'CodeWindows', 'RandomCodeWindows', 'SlidingCodeWindows', 'CodeLoader', 'PriorDataConfig',
+           'prior_dataloaders', 'PriorTrainConfig', 'find_codec', 'prior_learner', 'train_prior', 'codebook_usage',
+           'memorisation_index', 'generate_audio']
 
 # %% ../nbs/12b_prior_trainer.ipynb #12921258
 import dataclasses
@@ -61,17 +61,15 @@ CODE_DTYPE = np.int16  # codes are stored as int16 (codebooks of up to 32,768 co
 ENCODE_CHUNK_FRAMES = 3000  # frames encoded per codec call while building (60 s at 50 Hz): bounds memory on long files
 ENCODE_CONTEXT_FRAMES = 32  # frames of context on each side of a chunk (the frame encoder reaches ±15)
 _HASH_CHARS = 16  # hex digits of hashes in folder names
-PIECE_TAIL_SECONDS = 0.5  # silence kept after a file's last sounding frame (its release and a breath before the next piece)
 
 def music_span(y: np.ndarray,  # float32 audio `[T]` at the codec's rate
                hop: int,  # samples per code frame
                n_frames: int,  # code frames of the file
-               tail: int,  # silent frames kept after the last sounding frame
                ) -> tuple[int, int]:
-    "`(start, stop)` code frames from the first to the last sounding frame (+ `tail`); `(0, 0)` for a silent file."
+    "`(start, stop)` code frames from the first to the last sounding frame; `(0, 0)` for a silent file."
     sounding = np.nonzero(~silent_frames(y, hop))[0]
     if not len(sounding): return 0, 0
-    return min(int(sounding[0]), n_frames), min(int(sounding[-1]) + 1 + tail, n_frames)
+    return min(int(sounding[0]), n_frames), min(int(sounding[-1]) + 1, n_frames)
 
 def encode_long(codec: Codec,  # the codec
                 y: np.ndarray,  # float32 audio `[T]` at the codec's rate
@@ -90,6 +88,9 @@ def encode_long(codec: Codec,  # the codec
             x = torch.from_numpy(np.ascontiguousarray(y[lo * hop:hi_sample]))[None].to(device)
             parts.append(codec.encode(x)[0, :, a - lo:b - lo].cpu().numpy())
     return np.concatenate(parts, 1)
+
+class _OtherFormat(Exception):
+    "A code cache manifest written in another format (rebuilt, not an error)."
 
 class CodeCache:
     "A corpus encoded once by one codec: memory-mapped int16 frames `[N, Q]` with file offsets, checked against its manifest."
@@ -131,10 +132,13 @@ class CodeCache:
         folder = Path(folder) if folder is not None else kelly_path(CODE_CACHE_DIR, f"{audio.corpus_key[:_HASH_CHARS]}-{codec_hash[:_HASH_CHARS]}")
         if (folder/CODE_CACHE_MANIFEST).is_file():
             try:
+                written = json.loads((folder/CODE_CACHE_MANIFEST).read_text(encoding="utf-8")).get("format")
+                if written != CODE_CACHE_VERSION: raise _OtherFormat(written)
                 cache = cls(folder)
                 if (cache.corpus_key, cache.codec_hash) == (audio.corpus_key, codec_hash): return cache
                 _log.info("code cache %s is for other audio or another codec: rebuilding", folder)
-            except DatasetError as e: _log.warning("code cache %s is damaged (%s): rebuilding", folder, e)
+            except _OtherFormat as e: _log.info("code cache %s is in format %s, this kelly writes %d: rebuilding", folder, e, CODE_CACHE_VERSION)
+            except (DatasetError, OSError, ValueError, AttributeError) as e: _log.warning("code cache %s is damaged (%s): rebuilding", folder, e)
         _build_code_cache(folder, audio, codec, codec_hash, progress)
         return cls(folder)
 
@@ -159,7 +163,7 @@ class CodeCache:
         return np.asarray(self.codes[a + start:a + stop], np.int64).T
 
     def music(self, doc: int) -> np.ndarray:
-        "Codes `[Q, frames]` int64 of file `doc`'s music (its span: leading silence and the closing silence past the tail left out)."
+        "Codes `[Q, frames]` int64 of file `doc`'s music (its span: leading and closing silence left out)."
         a, b = self.spans[doc]
         return self.read(doc, int(a), int(b))
 
@@ -181,7 +185,6 @@ def _build_code_cache(folder: Path, audio: AudioCache, codec: Codec, codec_hash:
     q = codec.config.quantizer
     if q.codebook_size > np.iinfo(CODE_DTYPE).max + 1: raise DatasetError(f"codebooks of {q.codebook_size} codes do not fit the cache's {np.dtype(CODE_DTYPE).name}")
     offsets, spans, digest = [0], [], hashlib.sha256()
-    tail = int(round(PIECE_TAIL_SECONDS * codec.config.frame_rate))
     fd, tmp = tempfile.mkstemp(prefix=".codes-", suffix=".tmp", dir=folder)
     start = time.perf_counter()
     try:
@@ -190,7 +193,7 @@ def _build_code_cache(folder: Path, audio: AudioCache, codec: Codec, codec_hash:
             for i in (progress_bar(docs) if progress else docs):
                 y = audio.doc(i)
                 codes = encode_long(codec, y).T.astype(CODE_DTYPE)   # [frames, Q]
-                spans.append(music_span(y, codec.config.hop, len(codes), tail))
+                spans.append(music_span(y, codec.config.hop, len(codes)))
                 data = np.ascontiguousarray(codes).tobytes()
                 f.write(data); digest.update(data)
                 offsets.append(offsets[-1] + len(codes))
@@ -222,7 +225,9 @@ class CodeWindows:
                  pattern: CodePattern,  # the prior's pattern
                  frames: int,  # frames per window (the prior's `max_frames`)
                  docs: Sequence[int] | None = None,  # files to use (default: all; silent files are left out)
+                 tail: int = 0,  # frames of closing silence kept after each file's music
                  ):
+        if tail < 0: raise DatasetError(f"the closing silence kept must be at least 0 frames, got {tail}")
         if frames < 1: raise DatasetError(f"window length must be at least 1 frame, got {frames}")
         if (pattern.n_codebooks, pattern.codebook_size) != (cache.n_codebooks, cache.codebook_size):
             raise DatasetError(f"the pattern is for {pattern.n_codebooks} × {pattern.codebook_size} codes, the cache {str(cache.folder)!r} "
@@ -233,7 +238,7 @@ class CodeWindows:
         self.docs = docs[spans[:, 1] > spans[:, 0]]
         if self.docs.size == 0: raise DatasetError(f"no files with music selected from code cache {str(cache.folder)!r}")
         self.starts = cache.spans[self.docs, 0]
-        self.lengths = cache.spans[self.docs, 1] - self.starts
+        self.lengths = np.minimum(cache.spans[self.docs, 1] + int(tail), cache.lengths[self.docs]) - self.starts
         self.length = 1 + pattern.n_steps(self.frames)
 
     def frames_at(self, doc: int,  # position in `self.docs`
@@ -274,13 +279,13 @@ def _check_state(ds: CodeWindows, state: dict, kind: str):
 
 class RandomCodeWindows(CodeWindows):
     "Training windows drawn uniformly among all window positions of the selected files (with `join`, every frame of their music starts one)."
-    def __init__(self, cache: CodeCache, pattern: CodePattern, frames: int, docs: Sequence[int] | None = None, *,
+    def __init__(self, cache: CodeCache, pattern: CodePattern, frames: int, docs: Sequence[int] | None = None, tail: int = 0, *,
                  seed: int = 0,  # seeds which windows are drawn
                  windows_per_epoch: int | None = None,  # default: enough windows to cover the selected frames once
                  join: bool = True,  # windows run on from one file's music into the next file's (in `docs` order, the last into the first)
                  ):
         self.join = bool(join)
-        super().__init__(cache, pattern, frames, docs)
+        super().__init__(cache, pattern, frames, docs, tail)
         self.rng = CounterRNG(seed)
         self.cum_starts = np.cumsum(self.lengths if self.join else np.maximum(self.lengths - self.frames + 1, 1))
         self.windows_per_epoch = int(windows_per_epoch or max(1, math.ceil(int(self.lengths.sum()) / self.frames)))
@@ -307,8 +312,8 @@ class RandomCodeWindows(CodeWindows):
 
 class SlidingCodeWindows(CodeWindows):
     "Validation windows: every selected file's music in steps of `frames`, deterministic, one file per window."
-    def __init__(self, cache: CodeCache, pattern: CodePattern, frames: int, docs: Sequence[int] | None = None):
-        super().__init__(cache, pattern, frames, docs)
+    def __init__(self, cache: CodeCache, pattern: CodePattern, frames: int, docs: Sequence[int] | None = None, tail: int = 0):
+        super().__init__(cache, pattern, frames, docs, tail)
         self.cum_counts = np.cumsum(1 + -(-np.maximum(self.lengths - self.frames, 0) // self.frames))
 
     def __len__(self): return int(self.cum_counts[-1])
@@ -354,7 +359,8 @@ class PriorDataConfig(Config):
     valid_frac: float = 0.1  # fraction of pieces held out for validation
     seed: int = 0  # seeds the split and the training windows
     windows_per_epoch: int | None = None  # training windows per epoch (default: cover the training frames once)
-    join_pieces: bool = True  # training windows run on from one piece's music into the next (the prior learns that silence ends)
+    join_pieces: bool = True  # training windows run on from one piece's music into the next (the prior learns that music goes on)
+    piece_tail_seconds: float = 0.0  # closing silence kept after each piece's last sounding frame (0.5 s gave clips with gaps)
     num_workers: int = 0  # DataLoader worker processes
     version: int = 1  # format of this config
 
@@ -363,6 +369,7 @@ class PriorDataConfig(Config):
         if self.bs < 1: raise ConfigError(f"config key 'bs': must be positive, got {self.bs}")
         if not (math.isfinite(self.valid_frac) and 0 < self.valid_frac < 1): raise ConfigError(f"config key 'valid_frac': must be in (0, 1), got {self.valid_frac}")
         if self.windows_per_epoch is not None and self.windows_per_epoch < 1: raise ConfigError(f"config key 'windows_per_epoch': must be positive, got {self.windows_per_epoch}")
+        if not (math.isfinite(self.piece_tail_seconds) and self.piece_tail_seconds >= 0): raise ConfigError(f"config key 'piece_tail_seconds': must be >= 0, got {self.piece_tail_seconds}")
         if self.num_workers < 0: raise ConfigError(f"config key 'num_workers': must be >= 0, got {self.num_workers}")
 
 def prior_dataloaders(cache: CodeCache,  # the encoded corpus
@@ -373,8 +380,9 @@ def prior_dataloaders(cache: CodeCache,  # the encoded corpus
     "fastai `DataLoaders` of `(x, y)` int64 `[bs, L, S]` windows: random for training, sliding over held-out pieces for validation."
     config = config or PriorDataConfig()
     train_docs, valid_docs = split_by_piece(cache.names, config.valid_frac, seed=config.seed)
-    train = RandomCodeWindows(cache, pattern, frames, train_docs, seed=config.seed, windows_per_epoch=config.windows_per_epoch, join=config.join_pieces)
-    valid = SlidingCodeWindows(cache, pattern, frames, valid_docs)
+    tail = int(round(config.piece_tail_seconds * cache.frame_rate))
+    train = RandomCodeWindows(cache, pattern, frames, train_docs, tail, seed=config.seed, windows_per_epoch=config.windows_per_epoch, join=config.join_pieces)
+    valid = SlidingCodeWindows(cache, pattern, frames, valid_docs, tail)
     loaders = [CodeLoader(ds, bs=config.bs, rank=rank, world_size=world_size, num_workers=config.num_workers, device=device) for ds in (train, valid)]
     if len(loaders[0]) == 0:
         raise DatasetError(f"the training split of {str(cache.folder)!r} gives fewer than one batch per rank ({len(train)} windows, "

@@ -1,7 +1,7 @@
-"""Run `kelly.trainers.train` (or, with --codec, `kelly.codec_trainer.train_codec`) from a config file, in one process
-or in each process of a torchrun job.
+"""Run `kelly.trainers.train` (or, with --codec, `kelly.codec_trainer.train_codec`; with --prior,
+`kelly.prior_trainer.train_prior`) from a config file, in one process or in each process of a torchrun job.
 
-    python tests/train_job.py CONFIG --report DIR [--codec] [--resume] [--crash-at STEP] [--pause-at STEP]
+    python tests/train_job.py CONFIG --report DIR [--codec | --prior] [--resume] [--crash-at STEP] [--pause-at STEP]
     torchrun --standalone --nproc_per_node=2 tests/train_job.py CONFIG --report DIR --distributed
 
 Driven by tests/test_trainers.py (not collected by pytest itself). Each rank writes DIR/rank<r>.json: the run
@@ -22,6 +22,7 @@ from kelly.distributed import get_rank, setup_rank_logging
 from tiny_train import PauseAt   # the same pause-and-wait-to-be-killed callback as the tiny learner's jobs
 from kelly.trainers import TrainConfig, train
 from kelly.codec_trainer import CodecTrainConfig, train_codec
+from kelly.prior_trainer import PriorTrainConfig, train_prior
 
 
 class CrashAt(Callback):
@@ -47,13 +48,15 @@ def main():
     ap.add_argument("--distributed", action="store_true")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--codec", action="store_true", help="the config is a CodecTrainConfig: train a codec")
+    ap.add_argument("--prior", action="store_true", help="the config is a PriorTrainConfig: train a code prior")
     ap.add_argument("--crash-at", type=int, default=None)
     ap.add_argument("--pause-at", type=int, default=None)
     args = ap.parse_args()
     setup_rank_logging("INFO", stream=sys.stderr)
     cbs = [CrashAt(args.crash_at)] if args.crash_at is not None else []
     if args.pause_at is not None: cbs.append(PauseAt(args.pause_at))
-    if args.codec: res = train_codec(CodecTrainConfig.load(args.config), distributed=args.distributed, resume=args.resume, cbs=cbs, progress=False)
+    if args.prior: res = train_prior(PriorTrainConfig.load(args.config), distributed=args.distributed, resume=args.resume, cbs=cbs, progress=False)
+    elif args.codec: res = train_codec(CodecTrainConfig.load(args.config), distributed=args.distributed, resume=args.resume, cbs=cbs, progress=False)
     else: res = train(TrainConfig.load(args.config), distributed=args.distributed, resume=args.resume, cbs=cbs, progress=False)
     rank = get_rank() if args.distributed else 0
     args.report.mkdir(parents=True, exist_ok=True)
