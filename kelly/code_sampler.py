@@ -37,7 +37,7 @@ class CodeSamplingConfig(Config):
     top_k: int = DEFAULT_TOP_K  # sample among the k most likely codes (0: no limit)
     top_p: float = 1.0  # nucleus: the fewest most likely codes holding this much probability (1: no limit)
     seed: int | None = None  # seed of the sampling generator (None: torch's global generator)
-    threads: int | None = None  # intra-op threads while decoding (None: chosen per batch size, `kelly.core.choose_threads`)
+    threads: int | None = None  # intra-op threads while sampling and decoding the audio (None: the thread policy, `kelly.core.choose_threads`)
     use_cache: bool = True  # KV-cached decoding; False recomputes the window at every step (slow reference)
     window: int | None = None  # frames the prior sees at once (None: its training window, `max_frames`)
     keep: float = 0.5  # share of a full window kept as the prompt of the next one (re-prompting)
@@ -239,6 +239,7 @@ def decode_long(codec: Codec,  # the codec that made (or models) the codes
                 chunk: int = CHUNK_FRAMES,  # frames per chunk
                 context: int = CHUNK_CONTEXT,  # frames decoded beyond each side of a chunk and dropped
                 crossfade: int = CROSSFADE_FRAMES,  # frames of overlap between neighbouring chunks
+                threads: int | None = None,  # intra-op threads (None: the thread policy's `codec` workload, the free cores)
                 ) -> LongAudio:
     "Decode codes of any length chunk by chunk with context, joined with a correlation-aware equal-power crossfade."
     if codes.ndim != 3: raise PriorError(f"codes must be [batch, codebooks, frames], got {tuple(codes.shape)}")
@@ -248,11 +249,13 @@ def decode_long(codec: Codec,  # the codec that made (or models) the codes
     total = dec.default_length(T) if length is None else int(length)
     out = torch.zeros(B, total, dtype=torch.float32, device=codes.device)
     X, boundaries = crossfade * hop, []
+    choice = choose_threads("codec", override=threads)
+    _log.info("decoding %d clip(s) of %d frames in chunks of %d: %s", B, T, chunk, choice.reason)
     for a in range(0, T, chunk):
         b = min(a + chunk, T)
         end = min(b + crossfade, T) if b < T else T            # this chunk's audio reaches into the next one's crossfade
         lo, hi = max(0, a - context), min(T, end + context)
-        with torch.inference_mode():
+        with torch.inference_mode(), intra_op_threads(choice.threads):
             y = codec.decode(codes[:, :, lo:hi], dec.default_length(hi - lo)).float()
         s, e = a * hop, min(end * hop, total) if end < T else total
         seg = y[:, s - lo * hop:e - lo * hop]

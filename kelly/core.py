@@ -500,7 +500,7 @@ def check_memory(nbytes: int,  # the size about to be allocated
         raise KellyError(f"{what} needs {format_bytes(nbytes)}, more than the {format_bytes(free)} of memory available on {device}" + (f": {hint}" if hint else ""))
 
 # %% ../nbs/00_core.ipynb #7987c495
-THREAD_WORKLOADS = ("decode", "train", "workers")  # what `choose_threads` knows how to size
+THREAD_WORKLOADS = ("decode", "train", "workers", "codec")  # what `choose_threads` knows how to size
 SMALL_DECODE_BATCH = 2  # decoding up to this many sequences runs on one thread: per-step products are too small to split
 LOAD_ROUNDING = 0.5  # the load average is rounded to whole cores (0.5: to the nearest)
 THREADS_ENV = "OMP_NUM_THREADS"  # an environment variable that pins the threads when no config asks

@@ -392,7 +392,7 @@ def prior_dataloaders(cache: CodeCache,  # the encoded corpus
     return dls
 
 # %% ../nbs/12b_prior_trainer.ipynb #4c4f3011
-PRIOR_JOB_STEPS = 500  # training steps of `kelly audio train-prior`: 1.5 s each on 2 idle CPU cores, the whole job about 14 min
+PRIOR_JOB_STEPS = 450  # training steps of `kelly audio train-prior`: 1.5–1.7 s each on 2 CPU cores (500 took 14:22 idle, 15:38 at load 5: too close to 15 min)
 
 PRIOR_JOB_BATCH = 8  # windows of 5 s per step of the default job
 
@@ -616,7 +616,7 @@ def generate_audio(pair: PriorWithCodec,  # a prior and its codec (`load_prior`)
     t0 = time.perf_counter()
     gen = sample_codes(prior, n=n, prompt=prompt_codes, config=config)
     t1 = time.perf_counter()
-    audio = decode_long(codec, gen.codes)
+    audio = decode_long(codec, gen.codes, threads=config.threads)
     t2 = time.perf_counter()
     index, why = memorisation_index(pair.prior)
     if index is None: _log.warning("memorisation not checked: %s", why)
