@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import Config, ConfigError, KellyError
-from .models import Block, KVCache, TransformerConfig, rope_angles
+from .models import Block, KVCache, TransformerConfig, gpt2_init, rope_angles
 
 # %% ../nbs/05c_prior.ipynb #fa532240
 class PriorError(KellyError, ValueError):
@@ -162,13 +162,8 @@ class CodePrior(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        "GPT-2 init: normal(0, init_std) weights, zero biases, residual projections scaled by 1/√(2·n_layers)."
-        std = self.config.init_std
-        for name, p in self.named_parameters():
-            if name.endswith("bias"): nn.init.zeros_(p)
-            elif "norm" in name: nn.init.ones_(p)
-            elif name.endswith(("attn.proj.weight", "mlp.proj.weight")): nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
-            else: nn.init.normal_(p, 0.0, std)
+        "GPT-2 init, as the music transformer (`kelly.models.gpt2_init`)."
+        gpt2_init(self, self.config.init_std, self.config.n_layers)
 
     def _check_ids(self, ids: torch.Tensor):
         S, V = self.pattern.n_streams, self.pattern.vocab
