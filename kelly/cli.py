@@ -12,6 +12,7 @@ __all__ = ['FLAG_DEST_PREFIX', 'SUBCOMMANDS', 'EXIT_ERROR', 'EXIT_BUG', 'EXIT_IN
 
 # %% ../nbs/14_cli.ipynb #8fa2c8a0
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -52,11 +53,16 @@ def _config_type(tp) -> type | None:
         if isinstance(t, type) and issubclass(t, Config): return t
     return None
 
+@functools.cache
+def _field_helps(cls: type) -> dict:
+    "docments of a config class, read once per process (each read parses its module's source: seconds for the whole parser)."
+    return docments(cls)
+
 def config_fields(cls: type,  # a `Config` dataclass
                   prefix: str = "",  # dotted prefix put before every name
                   ) -> list[tuple[str, typing.Any, str]]:
     "`(dotted name, type, help)` for every leaf field of a config class, nested sections flattened."
-    helps = docments(cls)
+    helps = _field_helps(cls)
     out = []
     for name, tp in cls.field_types().items():
         sub = _config_type(tp)
