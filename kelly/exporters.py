@@ -896,6 +896,9 @@ class AudioCodes:
         if not_a_file(path): raise ExportError(f"{str(path)!r} {not_a_file(path)}")
         if not path.is_file(): raise ExportError(f"{str(path)!r}: no such codes file")
         try:
+            with open(path, "rb") as f: magic = f.read(4)
+            if magic != b"PK\x03\x04":   # not a zip archive: np.load would call it "pickled data"
+                raise ExportError(f"{str(path)!r}: not a codes file ({'it is empty' if not magic else 'not an .npz archive'}; codes files are written by `kelly audio encode`)")
             with np.load(path, allow_pickle=False) as z:
                 missing = [k for k in CODES_KEYS if k not in z.files]
                 if missing: raise ExportError(f"{path}: not a kelly codes file (lacks {', '.join(missing)})")

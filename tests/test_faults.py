@@ -449,3 +449,108 @@ def test_permission_denied_as_an_unprivileged_user(row, as_user):
     assert lines and lines[-1].startswith(f"kelly {command}: error: ") and words in lines[-1], res["err"]
     assert "permission denied" in lines[-1].lower(), lines[-1]   # the reason, not only the path
     assert sorted(os.listdir(base/"locked")) == ["existing.txt"]
+
+
+@pytest.fixture(scope="module")
+def audio_corpus(tmp_path_factory):
+    "A folder of four 1.5-second WAVs cut from music21's test recording: enough for a split, trained on in seconds."
+    from kelly.audio import load_audio, save_audio
+    d = tmp_path_factory.mktemp("audio_corpus")
+    y, sr = load_audio(TEST_AUDIO, sr=16000)
+    for i in range(4): save_audio(d/f"piece{i}.wav", y[24000 * i:24000 * (i + 1)], sr)
+    return d
+
+
+TINY_CODEC = ["--device", "cpu", "--data.sample_rate", "16000", "--data.length", "8000", "--data.bs", "4", "--data.valid_frac", "0.25",
+              "--data.crops_per_epoch", "8", "--model.width", "64", "--model.n_layers", "1", "--model.quantizer.n_codebooks", "2",
+              "--model.quantizer.codebook_size", "32", "--optim.epochs", "1", "--eval_batches", "1", "--n_reconstructions", "0",
+              "--health_warmup", "1000", "--quiet"]
+TINY_PRIOR = ["--device", "cpu", "--data.bs", "4", "--data.valid_frac", "0.25", "--model.n_layers", "1", "--model.width", "128",
+              "--model.n_heads", "2", "--optim.epochs", "1", "--reliability.sample_every", "0", "--quiet"]
+
+
+@pytest.mark.parametrize("command", ["audio train", "audio train-prior"])
+def test_full_disk_during_audio_training_is_one_line_and_leaves_no_temp_files(command, places, codec_bundle, audio_corpus, home, capsys, tmp_path):
+    "As `train`'s row: the run folder's first files fit, a checkpoint (or the prior's codec copy) does not."
+    if "full" in places["_why"]: pytest.skip(places["_why"]["full"])
+    where = tmp_path/"small"
+    why = _mount_tmpfs(where, f"size={SMALL_DISK_BYTES}")
+    if why: pytest.skip(why)
+    argv = (["audio", "train", "--runs_dir", where, "--name", "r", "--corpus", audio_corpus, *TINY_CODEC] if command == "audio train" else
+            ["audio", "train-prior", "--runs_dir", where, "--name", "r", "--corpus", audio_corpus, "--codec", codec_bundle[0], *TINY_PRIOR])
+    try:
+        status, out, err = _cli(capsys, *argv, home=home)
+        assert status == 1 and "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"kelly {command}: error: ") and "disk is full" in last and "[No space left on device]" in last, err
+        assert (where/"r"/"config.yaml").is_file()    # it failed while training or bundling, not at the free-space check
+        left = [p for p in (where/"r").rglob("*") if p.name.endswith(".tmp")]
+        assert left == [], left
+    finally: _umount(where)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    "Inputs a hostile user hands the audio commands: files that are not what their names say, and a second codec."
+    import wave
+    import torch
+    from kelly.codec import Codec, CodecConfig
+    from kelly.exporters import save_bundle
+    from kelly.quantizer import QuantizerConfig
+    d = tmp_path_factory.mktemp("bad_inputs")
+    (d/"empty.wav").write_bytes(b""); (d/"text.wav").write_text("not audio at all"); (d/"empty.npz").write_bytes(b"")
+    (d/"folder.wav").mkdir(); (d/"out-folder").mkdir(); (d/"a-file").write_text("x")
+    with wave.open(str(d/"zero.wav"), "wb") as w: w.setnchannels(1); w.setsampwidth(2); w.setframerate(16000); w.writeframes(b"")
+    torch.manual_seed(1)
+    other = Codec(CodecConfig(width=32, n_layers=1, quantizer=QuantizerConfig(n_codebooks=4, codebook_size=64)))
+    other(0.1 * torch.randn(4, 16000))   # the first forward initialises the codebooks
+    save_bundle(d/"other-codec", other.eval())
+    return d
+
+
+# row -> (argv builder taking (bad inputs folder, codec bundle, codes file, prior run, lm bundle, MIDI folder, output folder), words of the error line)
+HOSTILE_AUDIO_ROWS = {
+    "audio encode: a folder named .wav": (lambda b, c, k, p, lm, m, o: ["audio", "encode", b/"folder.wav", "--model", c, "--out", o/"x.npz"], "is a folder"),
+    "audio encode: an empty WAV": (lambda b, c, k, p, lm, m, o: ["audio", "encode", b/"empty.wav", "--model", c, "--out", o/"x.npz"], "file is empty"),
+    "audio encode: text renamed .wav": (lambda b, c, k, p, lm, m, o: ["audio", "encode", b/"text.wav", "--model", c, "--out", o/"x.npz"], "not audio"),
+    "audio encode: a WAV without samples": (lambda b, c, k, p, lm, m, o: ["audio", "encode", b/"zero.wav", "--model", c, "--out", o/"x.npz"], "no samples"),
+    "audio encode: --out is a folder": (lambda b, c, k, p, lm, m, o: ["audio", "encode", TEST_AUDIO, "--model", c, "--out", b/"out-folder"], "is a folder"),
+    "audio encode: --model is a prior": (lambda b, c, k, p, lm, m, o: ["audio", "encode", TEST_AUDIO, "--model", p, "--out", o/"x.npz"], "not the codec model"),
+    "audio decode: a WAV given as codes": (lambda b, c, k, p, lm, m, o: ["audio", "decode", TEST_AUDIO, "--model", c, "--out", o/"x.wav"], "not a codes file"),
+    "audio decode: an empty .npz": (lambda b, c, k, p, lm, m, o: ["audio", "decode", b/"empty.npz", "--model", c, "--out", o/"x.wav"], "it is empty"),
+    "audio decode: codes of another codec": (lambda b, c, k, p, lm, m, o: ["audio", "decode", k, "--model", b/"other-codec", "--out", o/"x.wav"], "made by the codec with model hash"),
+    "audio decode: --out is a folder": (lambda b, c, k, p, lm, m, o: ["audio", "decode", k, "--model", c, "--out", b/"out-folder"], "is a folder"),
+    "audio generate: --seconds inf": (lambda b, c, k, p, lm, m, o: ["audio", "generate", "--model", p, "--seconds", "inf", "--out", o/"g"], "not a finite number"),
+    "audio generate: --top_k -3": (lambda b, c, k, p, lm, m, o: ["audio", "generate", "--model", p, "--top_k", "-3", "--out", o/"g"], "'top_k'"),
+    "audio generate: a codes file as --prompt": (lambda b, c, k, p, lm, m, o: ["audio", "generate", "--model", p, "--seconds", "0.5", "-n", "1", "--prompt", k, "--out", o/"g"], "not audio"),
+    "audio generate: --model is a codec": (lambda b, c, k, p, lm, m, o: ["audio", "generate", "--model", c, "--out", o/"g"], "not the prior model"),
+    "audio train: --corpus without audio": (lambda b, c, k, p, lm, m, o: ["audio", "train", "--corpus", b/"out-folder", "--runs_dir", o/"runs", "--quiet"], "holds no audio files"),
+    "audio train: --corpus is a file": (lambda b, c, k, p, lm, m, o: ["audio", "train", "--corpus", b/"a-file", "--runs_dir", o/"runs", "--quiet"], "not a folder"),
+    "audio train-prior: --codec is a language model": (lambda b, c, k, p, lm, m, o: ["audio", "train-prior", "--codec", lm, "--runs_dir", o/"runs", "--quiet"], "not the codec model"),
+    "info: a codes file": (lambda b, c, k, p, lm, m, o: ["info", k], "not a bundle"),
+    "info: an empty folder": (lambda b, c, k, p, lm, m, o: ["info", b/"out-folder"], "not a kelly bundle"),
+    "evaluate: --generated is a file": (lambda b, c, k, p, lm, m, o: ["evaluate", "--generated", b/"a-file", "--reference", m, "--no_memorisation", "--out", o/"e"], "not a folder"),
+    "evaluate: --generated holds audio, not MIDI": (lambda b, c, k, p, lm, m, o: ["evaluate", "--generated", b/"folder.wav", "--reference", m, "--no_memorisation", "--out", o/"e"], "holds no MIDI files"),
+}
+
+
+@pytest.mark.parametrize("row", list(HOSTILE_AUDIO_ROWS))
+def test_hostile_inputs_to_the_audio_commands(row, bad_inputs, codec_bundle, prior_run, lm_bundle, inputs, home, tmp_path, capsys):
+    "One line naming the problem, exit 1, no traceback, nothing written."
+    build, words = HOSTILE_AUDIO_ROWS[row]
+    before = _snapshot(bad_inputs)
+    argv = build(bad_inputs, *codec_bundle, prior_run, lm_bundle, inputs/"midi", tmp_path/"o")
+    status, out, err = _cli(capsys, *argv, home=home)
+    command = " ".join(argv[:2]) if argv[0] == "audio" else argv[0]
+    assert status == 1 and "Traceback" not in err, (status, out, err)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"kelly {command}: error: ") and words in last, err
+    # no file written (the training rows' runs_dir and a generation's parent folders may remain, empty)
+    assert not [q for q in (tmp_path/"o").rglob("*") if not q.is_dir()] and _snapshot(bad_inputs) == before
+
+
+def test_failed_audio_generation_leaves_no_new_folder(prior_run, home, tmp_path, capsys):
+    "A generation that fails after starting (a length of no frames at all) removes the output folder it created."
+    status, out, err = _cli(capsys, "audio", "generate", "--model", prior_run, "--seconds", "1e-9", "-n", "1", "--out", tmp_path/"g", home=home)
+    assert status == 1 and "Traceback" not in err and "0 samples" in err, err
+    assert not (tmp_path/"g").exists()
