@@ -465,7 +465,7 @@ TINY_CODEC = ["--device", "cpu", "--data.sample_rate", "16000", "--data.length",
               "--data.crops_per_epoch", "8", "--model.width", "64", "--model.n_layers", "1", "--model.quantizer.n_codebooks", "2",
               "--model.quantizer.codebook_size", "32", "--optim.epochs", "1", "--eval_batches", "1", "--n_reconstructions", "0",
               "--health_warmup", "1000", "--quiet"]
-TINY_PRIOR = ["--device", "cpu", "--data.bs", "4", "--data.valid_frac", "0.25", "--model.n_layers", "1", "--model.width", "128",
+TINY_PRIOR = ["--device", "cpu", "--data.bs", "4", "--data.valid_frac", "0.25", "--data.windows_per_epoch", "8", "--model.n_layers", "1", "--model.width", "128",
               "--model.n_heads", "2", "--optim.epochs", "1", "--reliability.sample_every", "0", "--quiet"]
 
 
