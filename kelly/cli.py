@@ -283,7 +283,9 @@ def cmd_info(args,  # parsed arguments of `kelly info`
              out=None,  # where to print (default stdout)
              ) -> int:
     "Print a bundle's summary (model, tokenizer, metadata, files) as JSON; returns the exit status."
-    print(json.dumps(bundle_info(args.bundle), indent=1), file=out or sys.stdout)
+    path = Path(args.bundle)
+    if not (path/MANIFEST_FILE).exists() and (path/BUNDLE_DIR/MANIFEST_FILE).is_file(): path = path/BUNDLE_DIR   # a run folder, as --model takes
+    print(json.dumps(bundle_info(path), indent=1), file=out or sys.stdout)
     return 0
 
 @subcommand
@@ -303,7 +305,7 @@ def _add_generate(sub):
 @subcommand
 def _add_info(sub):
     p = sub.add_parser("info", help="show what a model bundle holds", description=cmd_info.__doc__)
-    p.add_argument("bundle", type=Path, help="bundle folder")
+    p.add_argument("bundle", type=Path, help="bundle folder, or a run folder holding one")
     p.set_defaults(func=cmd_info)
 
 # %% ../nbs/14_cli.ipynb #889c07e3

@@ -5,6 +5,10 @@ traceback, nothing that existed before changed and no partial output left. The e
 in this process (the function the console script calls), so the table costs the commands' own work, not a Python
 start per case; concurrency needs real processes and gets them.
 
+Permission bits are tested for real too: the rows of PERMISSION_ROWS run as an unprivileged user (`nobody`, via
+setpriv, when this runs as root). Hostile inputs to the audio commands (files that are not what their names say,
+codes of another codec, the wrong kind of bundle) are the rows of HOSTILE_AUDIO_ROWS.
+
 Bad environments, made for real (this runs as root, where permission bits do not stop writes, so "unwritable" is a
 read-only tmpfs mount): a file where a folder should be, a folder under a file, a read-only file system, a full file
 system (a small tmpfs, filled), special files (a FIFO where a file is read). Mounting needs root and a kernel that
@@ -554,3 +558,8 @@ def test_failed_audio_generation_leaves_no_new_folder(prior_run, home, tmp_path,
     status, out, err = _cli(capsys, "audio", "generate", "--model", prior_run, "--seconds", "1e-9", "-n", "1", "--out", tmp_path/"g", home=home)
     assert status == 1 and "Traceback" not in err and "0 samples" in err, err
     assert not (tmp_path/"g").exists()
+
+
+def test_info_reads_a_run_folder_as_the_other_commands_do(prior_run, home, capsys):
+    status, out, err = _cli(capsys, "info", prior_run, home=home)
+    assert status == 0 and '"kind": "prior"' in out, (out, err)
