@@ -8,12 +8,15 @@ __all__ = ['FLAG_DEST_PREFIX', 'SUBCOMMANDS', 'EXIT_ERROR', 'EXIT_BUG', 'EXIT_IN
            'config_fields', 'add_config_flags', 'config_from_args', 'subcommand', 'build_parser', 'main',
            'cmd_tokenize', 'newest_bundle', 'bundle_folder', 'cmd_generate', 'cmd_info', 'train_config_from_args',
            'cmd_train', 'cmd_evaluate', 'cmd_audio_train_prior', 'cmd_audio_generate', 'cmd_audio_render',
-           'cmd_audio_pitch', 'cmd_audio_check', 'cmd_audio_encode', 'cmd_audio_decode', 'cmd_audio_train']
+           'check_output_file', 'cmd_audio_pitch', 'cmd_audio_check', 'cmd_audio_encode', 'cmd_audio_decode',
+           'cmd_audio_train']
 
 # %% ../nbs/14_cli.ipynb #8fa2c8a0
 import argparse
+import functools
 import json
 import logging
+import os
 import sys
 import traceback
 import typing
@@ -52,11 +55,16 @@ def _config_type(tp) -> type | None:
         if isinstance(t, type) and issubclass(t, Config): return t
     return None
 
+@functools.cache
+def _field_helps(cls: type) -> dict:
+    "docments of a config class, read once per process (each read parses its module's source: seconds for the whole parser)."
+    return docments(cls)
+
 def config_fields(cls: type,  # a `Config` dataclass
                   prefix: str = "",  # dotted prefix put before every name
                   ) -> list[tuple[str, typing.Any, str]]:
     "`(dotted name, type, help)` for every leaf field of a config class, nested sections flattened."
-    helps = docments(cls)
+    helps = _field_helps(cls)
     out = []
     for name, tp in cls.field_types().items():
         sub = _config_type(tp)
@@ -275,7 +283,9 @@ def cmd_info(args,  # parsed arguments of `kelly info`
              out=None,  # where to print (default stdout)
              ) -> int:
     "Print a bundle's summary (model, tokenizer, metadata, files) as JSON; returns the exit status."
-    print(json.dumps(bundle_info(args.bundle), indent=1), file=out or sys.stdout)
+    path = Path(args.bundle)
+    if not (path/MANIFEST_FILE).exists() and (path/BUNDLE_DIR/MANIFEST_FILE).is_file(): path = path/BUNDLE_DIR   # a run folder, as --model takes
+    print(json.dumps(bundle_info(path), indent=1), file=out or sys.stdout)
     return 0
 
 @subcommand
@@ -295,7 +305,7 @@ def _add_generate(sub):
 @subcommand
 def _add_info(sub):
     p = sub.add_parser("info", help="show what a model bundle holds", description=cmd_info.__doc__)
-    p.add_argument("bundle", type=Path, help="bundle folder")
+    p.add_argument("bundle", type=Path, help="bundle folder, or a run folder holding one")
     p.set_defaults(func=cmd_info)
 
 # %% ../nbs/14_cli.ipynb #889c07e3
@@ -425,7 +435,11 @@ def cmd_audio_generate(args,  # parsed arguments of `kelly audio generate`
     if sampling.seed is None: sampling = sampling.override(f"seed={int(torch.randint(SEED_RANGE, ()))}")
     path = _bundle_path(args, kind="prior")
     pair = load_prior(path, args.codec, device=args.device)
-    report = generate_audio(pair, args.out, n=args.n, config=sampling, prompt=args.prompt, prefix=args.prefix)
+    created = not Path(args.out).exists()
+    try: report = generate_audio(pair, args.out, n=args.n, config=sampling, prompt=args.prompt, prefix=args.prefix)
+    except BaseException:
+        if created and Path(args.out).is_dir() and not any(Path(args.out).iterdir()): Path(args.out).rmdir()   # a failure leaves no new, empty folder
+        raise
     print(f"prior: {path} (seed {sampling.seed}); codec: {pair.codec.path}", file=out)
     print(f"{report['n']} clip(s) in {report['sample_seconds'] + report['decode_seconds']:.1f} s "
           f"({report['realtime_factor']:.2f}x realtime: sampling {report['sample_seconds']:.1f} s, decoding {report['decode_seconds']:.1f} s)", file=out)
@@ -478,13 +492,21 @@ def cmd_audio_render(args,  # parsed arguments of `kelly audio render`
         print(path, file=out)
     return 0
 
+def check_output_file(path: str | os.PathLike,  # a file about to be written (replaced if it exists)
+                      ) -> Path:
+    "Refuse, before any work, an output file that is an existing folder or whose folder cannot take it (see `check_output_folder`)."
+    path = Path(path)
+    if path.is_dir(): raise KellyError(f"output file {str(path)!r} is a folder: give the name of a file to write (one inside that folder, for example)")
+    check_output_folder(path.parent)
+    return path
+
 def cmd_audio_pitch(args,  # parsed arguments of `kelly audio pitch`
                     out=None,  # where to print (default stdout)
                     ) -> int:
     "Track the pitch of one audio file and write it as CSV and PNG; returns the exit status."
     out = out or sys.stdout
     for f in (args.csv or Path(args.file).with_suffix(".f0.csv"), args.png or Path(args.file).with_suffix(".f0.png")):
-        check_output_folder(Path(f).parent)
+        check_output_file(f)
     y, sr = load_audio(args.file)
     track = track_pitch(y, sr=sr, fmin=args.fmin, fmax=args.fmax)
     csv_path = write_pitch_csv(track, args.csv or Path(args.file).with_suffix(".f0.csv"))
@@ -512,7 +534,7 @@ def cmd_audio_encode(args,  # parsed arguments of `kelly audio encode`
                      ) -> int:
     "Encode an audio file with a codec bundle into a codes file (.npz); returns the exit status."
     out = out or sys.stdout
-    check_output_folder(Path(args.out or Path(args.file).with_suffix(".codes.npz")).parent)
+    check_output_file(args.out or Path(args.file).with_suffix(".codes.npz"))
     path = _bundle_path(args, kind="codec")
     bundle = load_bundle(path, kind="codec")
     codes = encode_audio(bundle, args.file, n_codebooks=args.codebooks)
@@ -529,7 +551,7 @@ def cmd_audio_decode(args,  # parsed arguments of `kelly audio decode`
                      ) -> int:
     "Decode a codes file with the codec bundle that made it and write the audio; returns the exit status."
     out = out or sys.stdout
-    check_output_folder(Path(args.out or Path(args.codes).with_suffix(".wav")).parent)
+    check_output_file(args.out or Path(args.codes).with_suffix(".wav"))
     codes = AudioCodes.load(args.codes)
     path = _bundle_path(args, kind="codec", model_hash=codes.model_hash)
     bundle = load_bundle(path, kind="codec")

@@ -282,7 +282,7 @@ _ERRNO_ADVICE = {
     errno.ENOSPC: "the disk is full: free some space or choose a folder on another disk",
     errno.EDQUOT: "the disk quota is exhausted: free some space or choose another folder",
     errno.EROFS: "the file system is read-only: choose a writable folder",
-    errno.EACCES: "permission denied: choose a folder you can write to, or change its permissions",
+    errno.EACCES: "permission denied: change its permissions or choose a path you can read and write",
     errno.EPERM: "the operation is not permitted (an immutable file, or missing privileges): choose another path",
     errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path or move the file",
     errno.EISDIR: "it is a folder where a file is expected: choose a file name",

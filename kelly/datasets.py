@@ -210,7 +210,7 @@ class MidiCorpus:
             where = "or its sub-folders " if recursive else ""
             other = f"; it holds {len(walk.ignored)} other file(s), e.g. {walk.ignored[0]}" if walk.ignored else (" (it is empty)" if not walk.skipped else "")
             bad = f"; {len(walk.skipped)} entr{'y' if len(walk.skipped) == 1 else 'ies'} could not be read (first: {walk.skipped[0][0]}: {walk.skipped[0][1]})" if walk.skipped else ""
-            raise DatasetError(f"corpus folder {root} {where}holds no MIDI files (names ending in {', '.join(MIDI_SUFFIXES)}){other}{bad}")
+            raise DatasetError(f"corpus folder {str(root)!r} {where}holds no {'readable ' if walk.skipped else ''}MIDI files (names ending in {', '.join(MIDI_SUFFIXES)}){other}{bad}")
         for name, why in walk.skipped: logger.warning("%s: skipped: %s", root/name, why)
         return cls(root, files, walk.ignored, walk.skipped)
 

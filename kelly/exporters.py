@@ -46,7 +46,7 @@ from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 
 from . import __version__
-from .core import (Config, ConfigError, KellyError, atomic_write, ensure_folder, not_a_file, pick_device, process_alive, sha256_file,
+from .core import (Config, ConfigError, KellyError, atomic_write, ensure_folder, not_a_file, os_error_message, pick_device, process_alive, sha256_file,
                         umask_mode, write_json)
 from .midi import (DEFAULT_QPM, DEFAULT_TIME_SIGNATURE, MIDI_MAX, TEMPO_DTYPE, TIME_SIGNATURE_DTYPE, Music, RepairReport,
                         Track, bars, repair, save_midi)
@@ -894,15 +894,19 @@ class AudioCodes:
         "Read a codes file (no pickles); anything else raises `ExportError` naming the file."
         path = Path(path)
         if not_a_file(path): raise ExportError(f"{str(path)!r} {not_a_file(path)}")
-        if not path.is_file(): raise ExportError(f"{path}: no such codes file")
+        if not path.is_file(): raise ExportError(f"{str(path)!r}: no such codes file")
         try:
+            with open(path, "rb") as f: magic = f.read(4)
+            if magic != b"PK\x03\x04":   # not a zip archive: np.load would call it "pickled data"
+                raise ExportError(f"{str(path)!r}: not a codes file ({'it is empty' if not magic else 'not an .npz archive'}; codes files are written by `kelly audio encode`)")
             with np.load(path, allow_pickle=False) as z:
                 missing = [k for k in CODES_KEYS if k not in z.files]
                 if missing: raise ExportError(f"{path}: not a kelly codes file (lacks {', '.join(missing)})")
                 v = {k: z[k] for k in CODES_KEYS}
         except ExportError: raise
+        except OSError as e: raise ExportError(f"codes file {os_error_message(e)}") from e   # no permission, an I/O error
         except Exception as e:  # not a zip, damaged members, object arrays (refused without pickle)
-            raise ExportError(f"{path}: not a readable codes file ({type(e).__name__}: {e})") from e
+            raise ExportError(f"{str(path)!r}: not a readable codes file ({type(e).__name__}: {e})") from e
         codes = v["codes"]
         if codes.ndim != 2 or codes.dtype.kind not in "iu" or not codes.size:
             raise ExportError(f"{path}: codes must be a non-empty integer array [codebooks, frames], got {codes.dtype} {codes.shape}")

@@ -431,7 +431,7 @@ def load_midi(path: str | os.PathLike,  # a .mid/.midi file
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise MidiError(f"{path}: cannot read: {e.strerror or e}") from e
+        raise MidiError(f"{str(path)!r}: cannot read: {e.strerror or e}") from e
     return parse_midi(data, str(path))
 
 # %% ../nbs/01_midi.ipynb #665f9cd1

@@ -69,6 +69,21 @@ def _monitored_value(learn: Learner, monitor: str):
     v = rec[names.index(monitor)]
     return None if v is None else float(v)
 
+def _smooth_loss_state(learn: Learner) -> dict | None:
+    "The Recorder's running training loss (the `train_loss` column): its step count and undebiased average."
+    sl = getattr(getattr(learn, "recorder", None), "smooth_loss", None)
+    return None if sl is None else {"count": int(sl.count), "val": torch.as_tensor(sl.val).detach().cpu().clone().as_subclass(torch.Tensor)}   # plain: checkpoints load weights_only
+
+def _restore_smooth_loss(learn: Learner, state: dict | None, path: Path):
+    "Put the running training loss back (the Recorder reset it in its `before_fit`), so `train_loss` goes on as if never stopped."
+    sl = getattr(getattr(learn, "recorder", None), "smooth_loss", None)
+    if sl is None: return
+    if state is None:
+        _log.info("resume: %s carries no running training loss (an older checkpoint): train_loss restarts its average here", path.name)
+        return
+    sl.count, sl.val = int(state["count"]), state["val"].clone()
+    learn.smooth_loss = sl.value
+
 class _ReplayLoader:
     "The resumed epoch's loader: draws and drops the `n_done` batches already trained on, calls `on_ready`, yields the rest."
     def __init__(self, dl, n_done: int, on_ready: Callable[[], None]): self.dl, self.n_done, self.on_ready = dl, n_done, on_ready
@@ -183,7 +198,8 @@ class Checkpoint(KellyCallback):
         if epoch_end: position = {"epoch": learn.epoch + 1, "batch": 0}
         else: position = {"epoch": learn.epoch, "batch": 0 if learn.train_iter == 0 else learn.iter + 1}
         position.update(train_iter=learn.train_iter, pct_train=float(learn.pct_train), n_epoch=learn.n_epoch)
-        mine = {"rng": capture_rng_state(), "data": capture_data_state(learn) if epoch_end else self._epoch_data}
+        mine = {"rng": capture_rng_state(), "data": capture_data_state(learn) if epoch_end else self._epoch_data,
+                "smooth_loss": _smooth_loss_state(learn)}
         ranks = _gather_objects(mine)
         if not is_main_process(): return None
         scaler = getattr(learn, "scaler", None)
@@ -259,6 +275,7 @@ class Checkpoint(KellyCallback):
             _log.warning("resume: %s was saved by %d process(es), this run has %d: data order and random streams will differ from an uninterrupted run",
                          path.name, len(state["ranks"]), world)
         self._resume_at = {"position": pos, "rank": state["ranks"][get_rank() if len(state["ranks"]) == world else 0]}
+        _restore_smooth_loss(self.learn, self._resume_at["rank"].get("smooth_loss"), path)
         self.learn.train_iter = pos["train_iter"]
         self.resumed_from, self._fresh = path, False
         _log.info("resuming from %s (epoch %d, batch %d, step %d)", path, pos["epoch"], pos["batch"], pos["train_iter"])

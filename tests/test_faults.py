@@ -5,6 +5,10 @@ traceback, nothing that existed before changed and no partial output left. The e
 in this process (the function the console script calls), so the table costs the commands' own work, not a Python
 start per case; concurrency needs real processes and gets them.
 
+Permission bits are tested for real too: the rows of PERMISSION_ROWS run as an unprivileged user (`nobody`, via
+setpriv, when this runs as root). Hostile inputs to the audio commands (files that are not what their names say,
+codes of another codec, the wrong kind of bundle) are the rows of HOSTILE_AUDIO_ROWS.
+
 Bad environments, made for real (this runs as root, where permission bits do not stop writes, so "unwritable" is a
 read-only tmpfs mount): a file where a folder should be, a folder under a file, a read-only file system, a full file
 system (a small tmpfs, filled), special files (a FIFO where a file is read). Mounting needs root and a kernel that
@@ -170,10 +174,7 @@ def _commands(lm, codec, codes, inp, prior=None):
 COMMANDS = ["generate", "evaluate", "tokenize", "train", "audio render", "audio pitch", "audio train", "audio encode", "audio decode",
             "audio train-prior", "audio generate"]
 PLACES = ["file", "under_file", "read_only", "full"]
-# audio train reads (and, the first time, renders) the Bach audio corpus before it writes anything on a full disk; the
-# run-folder code it shares with `train` is covered by train's full-disk row
-SKIP = {("audio train", "full"): "needs the rendered audio corpus before the first write; train's row covers the shared run-folder code",
-        ("audio train-prior", "full"): "needs the rendered audio corpus and its codes before the first write; train's row covers the shared run-folder code"}
+SKIP = {}   # (command, place) -> why the row cannot run here
 
 
 @pytest.mark.parametrize("place", PLACES)
@@ -328,3 +329,237 @@ def test_bundle_clean_up_spares_a_live_writer(tmp_path, lm_bundle):
         assert (tmp_path/"bundle").stat().st_mode & 0o777 == 0o777 & ~umask
         assert (tmp_path/"bundle"/"weights.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     finally: sleeper.kill(); sleeper.wait()
+
+
+# --- Permission denied, for real: the commands run as an unprivileged user -----------------------------------------
+# As root, permission bits stop nothing, so these rows run kelly as `nobody` (uid 65534) with `setpriv`: one process
+# runs every row through `kelly.cli.main` (a Python start per row would cost seconds each) and writes what each row
+# printed and returned. The inputs and bundles are copied into a folder every user can search; root owns the places
+# that must refuse: a folder with one file in it as `--out`, a KELLY_HOME, a MIDI file (0600) and a folder (0700) in
+# a corpus, a WAV, a codes file, a bundle's weights and a whole bundle folder. `nobody` owns its HOME and an output
+# folder. setpriv executes the interpreter itself: an exec through `env` or `nice` as `nobody` would be refused where
+# the venv's base interpreter lies under a folder nobody may search (root's home, 0700, on the development machine).
+UNPRIVILEGED = 65534   # nobody
+AS_USER_JOB = r'''
+import contextlib, io, json, os, sys, time, traceback
+from kelly.cli import main
+cases, results = json.loads(open(sys.argv[1]).read()), {}
+for name, case in cases.items():
+    os.environ["KELLY_HOME"] = case["home"]
+    out, err, t0 = io.StringIO(), io.StringIO(), time.monotonic()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try: status = main(case["argv"])
+        except SystemExit as e: status = e.code
+        except BaseException: status = "raised"; traceback.print_exc(file=err)
+    results[name] = {"status": status, "out": out.getvalue(), "err": err.getvalue(), "euid": os.geteuid(), "s": round(time.monotonic() - t0, 2)}
+open(sys.argv[2], "w").write(json.dumps(results))
+'''
+
+
+def _user_prefix() -> tuple[list[str], str | None]:
+    "How to run a process as an unprivileged user here: (command prefix, None) or ([], why not)."
+    if os.geteuid() != 0: return [], None      # permission bits already apply to this user
+    if shutil.which("setpriv") is None: return [], "no setpriv (util-linux) to run a process as an unprivileged user"
+    return ["setpriv", f"--reuid={UNPRIVILEGED}", f"--regid={UNPRIVILEGED}", "--clear-groups"], None
+
+
+@pytest.fixture(scope="module")
+def as_user(lm_bundle, codec_bundle, inputs, tmp_path_factory):
+    "Build the places, run every PERMISSION_ROWS row as the unprivileged user in one process; yields (results, places)."
+    import tempfile
+    prefix, why = _user_prefix()
+    if why: pytest.skip(why)
+    base = Path(tempfile.mkdtemp(prefix="kelly-perm-"))   # under /tmp, not pytest's 0700 folder: the user must reach it
+    try:
+        base.chmod(0o755)
+        codec, codes = codec_bundle
+        for src, dst in ((lm_bundle, "lm"), (lm_bundle, "lm-weights-0600"), (lm_bundle, "lm-folder-0700"), (codec, "codec")): shutil.copytree(src, base/dst)
+        shutil.copy(codes, base/"song.npz"); shutil.copy(codes, base/"secret.npz"); shutil.copy(inputs/"song.wav", base/"secret.wav")
+        shutil.copy(inputs/"song.wav", base/"song.wav")
+        shutil.copytree(inputs/"midi", base/"corpus"); shutil.copytree(inputs/"midi", base/"corpus"/"hidden")
+        shutil.copy(base/"corpus"/"hidden"/sorted(os.listdir(base/"corpus"/"hidden"))[0], base/"corpus"/"secret.mid")
+        (base/"all-secret").mkdir(); shutil.copy(base/"corpus"/"secret.mid", base/"all-secret"/"a.mid")
+        (base/"locked").mkdir(); (base/"locked"/"existing.txt").write_text("keep me")
+        (base/"home-ro").mkdir()
+        for p in ("lm-weights-0600/weights.safetensors", "secret.npz", "secret.wav", "corpus/secret.mid", "all-secret/a.mid"): (base/p).chmod(0o600)
+        for p in ("lm-folder-0700", "corpus/hidden"): (base/p).chmod(0o700)
+        for p in ("home", "out"):
+            (base/p).mkdir()
+            if prefix: os.chown(base/p, UNPRIVILEGED, UNPRIVILEGED)
+        if not prefix:   # not root: the owner's own permission bits must deny, as they do for anyone else
+            for p in ("locked", "home-ro"): (base/p).chmod(0o555)
+        user_home = str(base/"home"/"kelly")
+        cases = {name: {"argv": [str(a).replace("{B}", str(base)) for a in argv], "home": str(base/"home-ro") if ro_home else user_home}
+                 for name, (argv, ro_home, _) in PERMISSION_ROWS.items()}
+        (base/"cases.json").write_text(__import__("json").dumps(cases)); (base/"cases.json").chmod(0o644)
+        roots = ("locked", "home-ro", "corpus", "all-secret", "lm", "lm-weights-0600", "lm-folder-0700", "codec", "song.npz", "secret.npz", "secret.wav")
+        before = {r: _snapshot(base/r) if (base/r).is_dir() else (base/r).stat().st_mtime_ns for r in roots}
+        env = {**os.environ, "HOME": str(base/"home"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        r = subprocess.run([*prefix, sys.executable, "-c", AS_USER_JOB, str(base/"cases.json"), str(base/"out"/"results.json")],
+                           cwd=base, env=env, capture_output=True, text=True, timeout=600)
+        if not (base/"out"/"results.json").is_file():
+            if "import" in r.stderr and r.returncode and prefix:
+                pytest.skip(f"the unprivileged user cannot run this Python: {r.stderr.strip().splitlines()[-1:]}")
+            pytest.fail(f"the unprivileged job failed ({r.returncode}): {r.stderr[-3000:]}")
+        results = __import__("json").loads((base/"out"/"results.json").read_text())
+        after = {r: _snapshot(base/r) if (base/r).is_dir() else (base/r).stat().st_mtime_ns for r in roots}
+        yield results, base, before, after
+    finally:
+        for p in (base/"lm-folder-0700", base/"corpus"/"hidden", base/"locked", base/"home-ro"):
+            if p.exists(): p.chmod(0o755)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# row -> (argv with {B} for the folder, whether KELLY_HOME is the folder the user cannot write, words the outcome holds)
+PERMISSION_ROWS = {
+    "tokenize: unreadable file and folder in the corpus": (["tokenize", "{B}/corpus", "--cache", "{B}/out/cache", "--workers", "1", "--quiet"], False, "skipped 2 file(s)"),
+    "tokenize --check: unreadable file and folder": (["tokenize", "--check", "{B}/corpus", "--workers", "1"], False, "2 skipped"),
+    "tokenize: nothing readable": (["tokenize", "{B}/all-secret", "--cache", "{B}/out/cache2", "--workers", "1", "--quiet"], False, "no readable MIDI files"),
+    "tokenize: KELLY_HOME not writable": (["tokenize", "{B}/corpus", "--workers", "1", "--quiet"], True, "{B}/home-ro"),
+    "train: KELLY_HOME not writable": (["train", *TINY_TRAIN], True, "{B}/home-ro"),
+    "audio train: KELLY_HOME not writable": (["audio", "train", "--quiet"], True, "{B}/home-ro"),
+    "generate: --out without permission": (["generate", "--model", "{B}/lm", "-n", "1", "--max_new_tokens", "8", "--out", "{B}/locked/gen"], False, "{B}/locked"),
+    "generate: --out is a folder without permission": (["generate", "--model", "{B}/lm", "-n", "1", "--max_new_tokens", "8", "--out", "{B}/locked"], False, "{B}/locked"),
+    "audio encode: --out without permission": (["audio", "encode", "{B}/song.wav", "--model", "{B}/codec", "--out", "{B}/locked/x.npz"], False, "{B}/locked"),
+    "audio decode: --out without permission": (["audio", "decode", "{B}/song.npz", "--model", "{B}/codec", "--out", "{B}/locked/x.wav"], False, "{B}/locked"),
+    "audio encode: unreadable WAV": (["audio", "encode", "{B}/secret.wav", "--model", "{B}/codec", "--out", "{B}/out/x.npz"], False, "{B}/secret.wav"),
+    "audio decode: unreadable codes": (["audio", "decode", "{B}/secret.npz", "--model", "{B}/codec", "--out", "{B}/out/x.wav"], False, "{B}/secret.npz"),
+    "generate: unreadable weights": (["generate", "--model", "{B}/lm-weights-0600", "-n", "1", "--max_new_tokens", "8", "--out", "{B}/out/g"], False, "{B}/lm-weights-0600"),
+    "info: unreadable bundle folder": (["info", "{B}/lm-folder-0700"], False, "{B}/lm-folder-0700"),
+    "--log-file without permission": (["--log-file", "{B}/locked/log.txt", "info", "{B}/lm"], False, "{B}/locked"),
+}
+
+
+@pytest.mark.parametrize("row", list(PERMISSION_ROWS))
+def test_permission_denied_as_an_unprivileged_user(row, as_user):
+    results, base, before, after = as_user
+    res, words = results[row], PERMISSION_ROWS[row][2].replace("{B}", str(base))
+    assert res["euid"] != 0, "the job ran as root: permissions were not tested"
+    assert "Traceback" not in res["err"] and res["status"] != "raised", res["err"]
+    assert before == after, "a file or folder the user may not write changed"
+    argv = PERMISSION_ROWS[row][0]
+    if row.startswith("tokenize: unreadable"):   # the walk goes on: both listed in the cache's report, with the reason
+        assert res["status"] == 0 and words in res["out"], res
+        report = (base/"out"/"cache"/"report.json").read_text()
+        assert "secret.mid" in report and "hidden" in report and report.count("permission denied") == 2, report
+        return
+    assert res["status"] == 1, res
+    if row.startswith("tokenize --check"):
+        assert words in res["out"] and res["out"].count("permission denied") == 2 and "secret.mid" in res["out"] and "hidden" in res["out"], res["out"]
+        return
+    command = " ".join(a for a in argv[:2] if not a.startswith("-") and a in ("tokenize", "train", "audio", "generate", "info", "encode", "decode"))
+    if argv[0] == "--log-file": command = "info"
+    lines = res["err"].strip().splitlines()
+    assert lines and lines[-1].startswith(f"kelly {command}: error: ") and words in lines[-1], res["err"]
+    assert "permission denied" in lines[-1].lower(), lines[-1]   # the reason, not only the path
+    assert sorted(os.listdir(base/"locked")) == ["existing.txt"]
+
+
+@pytest.fixture(scope="module")
+def audio_corpus(tmp_path_factory):
+    "A folder of four 1.5-second WAVs cut from music21's test recording: enough for a split, trained on in seconds."
+    from kelly.audio import load_audio, save_audio
+    d = tmp_path_factory.mktemp("audio_corpus")
+    y, sr = load_audio(TEST_AUDIO, sr=16000)
+    for i in range(4): save_audio(d/f"piece{i}.wav", y[24000 * i:24000 * (i + 1)], sr)
+    return d
+
+
+TINY_CODEC = ["--device", "cpu", "--data.sample_rate", "16000", "--data.length", "8000", "--data.bs", "4", "--data.valid_frac", "0.25",
+              "--data.crops_per_epoch", "8", "--model.width", "64", "--model.n_layers", "1", "--model.quantizer.n_codebooks", "2",
+              "--model.quantizer.codebook_size", "32", "--optim.epochs", "1", "--eval_batches", "1", "--n_reconstructions", "0",
+              "--health_warmup", "1000", "--quiet"]
+TINY_PRIOR = ["--device", "cpu", "--data.bs", "4", "--data.valid_frac", "0.25", "--data.windows_per_epoch", "8", "--model.n_layers", "1", "--model.width", "128",
+              "--model.n_heads", "2", "--optim.epochs", "1", "--reliability.sample_every", "0", "--quiet"]
+
+
+@pytest.mark.parametrize("command", ["audio train", "audio train-prior"])
+def test_full_disk_during_audio_training_is_one_line_and_leaves_no_temp_files(command, places, codec_bundle, audio_corpus, home, capsys, tmp_path):
+    "As `train`'s row: the run folder's first files fit, a checkpoint (or the prior's codec copy) does not."
+    if "full" in places["_why"]: pytest.skip(places["_why"]["full"])
+    where = tmp_path/"small"
+    why = _mount_tmpfs(where, f"size={SMALL_DISK_BYTES}")
+    if why: pytest.skip(why)
+    argv = (["audio", "train", "--runs_dir", where, "--name", "r", "--corpus", audio_corpus, *TINY_CODEC] if command == "audio train" else
+            ["audio", "train-prior", "--runs_dir", where, "--name", "r", "--corpus", audio_corpus, "--codec", codec_bundle[0], *TINY_PRIOR])
+    try:
+        status, out, err = _cli(capsys, *argv, home=home)
+        assert status == 1 and "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"kelly {command}: error: ") and "disk is full" in last and "[No space left on device]" in last, err
+        assert (where/"r"/"config.yaml").is_file()    # it failed while training or bundling, not at the free-space check
+        left = [p for p in (where/"r").rglob("*") if p.name.endswith(".tmp")]
+        assert left == [], left
+    finally: _umount(where)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    "Inputs a hostile user hands the audio commands: files that are not what their names say, and a second codec."
+    import wave
+    import torch
+    from kelly.codec import Codec, CodecConfig
+    from kelly.exporters import save_bundle
+    from kelly.quantizer import QuantizerConfig
+    d = tmp_path_factory.mktemp("bad_inputs")
+    (d/"empty.wav").write_bytes(b""); (d/"text.wav").write_text("not audio at all"); (d/"empty.npz").write_bytes(b"")
+    (d/"folder.wav").mkdir(); (d/"out-folder").mkdir(); (d/"a-file").write_text("x")
+    with wave.open(str(d/"zero.wav"), "wb") as w: w.setnchannels(1); w.setsampwidth(2); w.setframerate(16000); w.writeframes(b"")
+    torch.manual_seed(1)
+    other = Codec(CodecConfig(width=32, n_layers=1, quantizer=QuantizerConfig(n_codebooks=4, codebook_size=64)))
+    other(0.1 * torch.randn(4, 16000))   # the first forward initialises the codebooks
+    save_bundle(d/"other-codec", other.eval())
+    return d
+
+
+# row -> (argv builder taking (bad inputs folder, codec bundle, codes file, prior run, lm bundle, MIDI folder, output folder), words of the error line)
+HOSTILE_AUDIO_ROWS = {
+    "audio encode: a folder named .wav": (lambda b, c, k, p, lm, m, o: ["audio", "encode", b/"folder.wav", "--model", c, "--out", o/"x.npz"], "is a folder"),
+    "audio encode: an empty WAV": (lambda b, c, k, p, lm, m, o: ["audio", "encode", b/"empty.wav", "--model", c, "--out", o/"x.npz"], "file is empty"),
+    "audio encode: text renamed .wav": (lambda b, c, k, p, lm, m, o: ["audio", "encode", b/"text.wav", "--model", c, "--out", o/"x.npz"], "not audio"),
+    "audio encode: a WAV without samples": (lambda b, c, k, p, lm, m, o: ["audio", "encode", b/"zero.wav", "--model", c, "--out", o/"x.npz"], "no samples"),
+    "audio encode: --out is a folder": (lambda b, c, k, p, lm, m, o: ["audio", "encode", TEST_AUDIO, "--model", c, "--out", b/"out-folder"], "is a folder"),
+    "audio encode: --model is a prior": (lambda b, c, k, p, lm, m, o: ["audio", "encode", TEST_AUDIO, "--model", p, "--out", o/"x.npz"], "not the codec model"),
+    "audio decode: a WAV given as codes": (lambda b, c, k, p, lm, m, o: ["audio", "decode", TEST_AUDIO, "--model", c, "--out", o/"x.wav"], "not a codes file"),
+    "audio decode: an empty .npz": (lambda b, c, k, p, lm, m, o: ["audio", "decode", b/"empty.npz", "--model", c, "--out", o/"x.wav"], "it is empty"),
+    "audio decode: codes of another codec": (lambda b, c, k, p, lm, m, o: ["audio", "decode", k, "--model", b/"other-codec", "--out", o/"x.wav"], "made by the codec with model hash"),
+    "audio decode: --out is a folder": (lambda b, c, k, p, lm, m, o: ["audio", "decode", k, "--model", c, "--out", b/"out-folder"], "is a folder"),
+    "audio generate: --seconds inf": (lambda b, c, k, p, lm, m, o: ["audio", "generate", "--model", p, "--seconds", "inf", "--out", o/"g"], "not a finite number"),
+    "audio generate: --top_k -3": (lambda b, c, k, p, lm, m, o: ["audio", "generate", "--model", p, "--top_k", "-3", "--out", o/"g"], "'top_k'"),
+    "audio generate: a codes file as --prompt": (lambda b, c, k, p, lm, m, o: ["audio", "generate", "--model", p, "--seconds", "0.5", "-n", "1", "--prompt", k, "--out", o/"g"], "not audio"),
+    "audio generate: --model is a codec": (lambda b, c, k, p, lm, m, o: ["audio", "generate", "--model", c, "--out", o/"g"], "not the prior model"),
+    "audio train: --corpus without audio": (lambda b, c, k, p, lm, m, o: ["audio", "train", "--corpus", b/"out-folder", "--runs_dir", o/"runs", "--quiet"], "holds no audio files"),
+    "audio train: --corpus is a file": (lambda b, c, k, p, lm, m, o: ["audio", "train", "--corpus", b/"a-file", "--runs_dir", o/"runs", "--quiet"], "not a folder"),
+    "audio train-prior: --codec is a language model": (lambda b, c, k, p, lm, m, o: ["audio", "train-prior", "--codec", lm, "--runs_dir", o/"runs", "--quiet"], "not the codec model"),
+    "info: a codes file": (lambda b, c, k, p, lm, m, o: ["info", k], "not a bundle"),
+    "info: an empty folder": (lambda b, c, k, p, lm, m, o: ["info", b/"out-folder"], "not a kelly bundle"),
+    "evaluate: --generated is a file": (lambda b, c, k, p, lm, m, o: ["evaluate", "--generated", b/"a-file", "--reference", m, "--no_memorisation", "--out", o/"e"], "not a folder"),
+    "evaluate: --generated holds audio, not MIDI": (lambda b, c, k, p, lm, m, o: ["evaluate", "--generated", b/"folder.wav", "--reference", m, "--no_memorisation", "--out", o/"e"], "holds no MIDI files"),
+}
+
+
+@pytest.mark.parametrize("row", list(HOSTILE_AUDIO_ROWS))
+def test_hostile_inputs_to_the_audio_commands(row, bad_inputs, codec_bundle, prior_run, lm_bundle, inputs, home, tmp_path, capsys):
+    "One line naming the problem, exit 1, no traceback, nothing written."
+    build, words = HOSTILE_AUDIO_ROWS[row]
+    before = _snapshot(bad_inputs)
+    argv = build(bad_inputs, *codec_bundle, prior_run, lm_bundle, inputs/"midi", tmp_path/"o")
+    status, out, err = _cli(capsys, *argv, home=home)
+    command = " ".join(argv[:2]) if argv[0] == "audio" else argv[0]
+    assert status == 1 and "Traceback" not in err, (status, out, err)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"kelly {command}: error: ") and words in last, err
+    # no file written (the training rows' runs_dir and a generation's parent folders may remain, empty)
+    assert not [q for q in (tmp_path/"o").rglob("*") if not q.is_dir()] and _snapshot(bad_inputs) == before
+
+
+def test_failed_audio_generation_leaves_no_new_folder(prior_run, home, tmp_path, capsys):
+    "A generation that fails after starting (a length of no frames at all) removes the output folder it created."
+    status, out, err = _cli(capsys, "audio", "generate", "--model", prior_run, "--seconds", "1e-9", "-n", "1", "--out", tmp_path/"g", home=home)
+    assert status == 1 and "Traceback" not in err and "0 samples" in err, err
+    assert not (tmp_path/"g").exists()
+
+
+def test_info_reads_a_run_folder_as_the_other_commands_do(prior_run, home, capsys):
+    status, out, err = _cli(capsys, "info", prior_run, home=home)
+    assert status == 0 and '"kind": "prior"' in out, (out, err)

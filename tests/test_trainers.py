@@ -67,11 +67,20 @@ def test_crash_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert b.run_dir == b_dir and b.metrics["resumed_from"] == str(b_dir/CHECKPOINT_DIR/"step-000000008.pt")
     assert b.metrics["steps"] == a.metrics["steps"] == EPOCHS * STEPS_PER_EPOCH
     for (k, p), q in zip(a.learn.model.state_dict().items(), b.learn.model.state_dict().values()): assert torch.equal(p, q), k
-    rows = (b_dir/HISTORY_FILE).read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == [str(e) for e in range(EPOCHS)]   # every epoch once, none repeated or empty
-    # the same validation numbers (train_loss is fastai's smoothed loss, whose running average restarts with the resumed fit)
-    assert rows[-1].split(",")[2:5] == (tmp_path/"a"/HISTORY_FILE).read_text().splitlines()[-1].split(",")[2:5]
+    rows = _history(b_dir/HISTORY_FILE)
+    assert [r["epoch"] for r in rows] == [str(e) for e in range(EPOCHS)]   # every epoch once, none repeated or empty
+    assert rows == _history(tmp_path/"a"/HISTORY_FILE)   # every column but the clock's, train_loss included, as written
     assert json.loads((b_dir/METRICS_FILE).read_text())["valid_loss"] == a.metrics["valid_loss"]
+
+
+def _history(path) -> list[dict]:
+    """history.csv's rows without the clock columns (`time`, `tokens_per_s`), values as the file holds them (text). A resumed run's rows must
+    equal an uninterrupted run's exactly: the same weights give the same losses, and the running training-loss
+    average (fastai's smoothed loss, the `train_loss` column) travels in the checkpoint, so no float tolerance."""
+    import csv
+    with open(path, newline="") as f: rows = list(csv.DictReader(f))
+    assert rows and "train_loss" in rows[0], rows
+    return [{k: v for k, v in r.items() if k != "time" and not k.endswith("_per_s")} for r in rows]
 
 
 def test_resume_without_a_name_continues_the_latest_run(tmp_path):
@@ -176,6 +185,10 @@ def test_sigkill_then_resume_the_music_transformer_is_bitwise(tmp_path, home):
     assert wa.keys() == wb.keys()
     for k in wa: assert torch.equal(wa[k], wb[k]), f"{k} differs after SIGKILL + resume"
     assert a["weights"] == b["weights"]
+    # the history of the killed run (epoch 0 before the kill, epochs 1-2 after) reads as the uninterrupted one's, train_loss included
+    hist = _history(run/HISTORY_FILE)
+    assert [r["epoch"] for r in hist] == [str(e) for e in range(EPOCHS)]
+    assert hist == _history(runs/"whole"/HISTORY_FILE)
 
 
 def overfitting_config(runs_dir, name, patience=2) -> TrainConfig:
