@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['CODE_CACHE_DIR', 'CODE_CACHE_VERSION', 'CODE_CACHE_MANIFEST', 'CODE_DTYPE', 'ENCODE_CHUNK_FRAMES',
            'ENCODE_CONTEXT_FRAMES', 'PRIOR_JOB_STEPS', 'PRIOR_JOB_BATCH', 'REPORT_FILE', 'music_span', 'encode_long',
-           'CodeCache', 'CodeWindows', 'RandomCodeWindows', 'SlidingCodeWindows', 'CodeLoader', 'PriorDataConfig',
-           'prior_dataloaders', 'PriorTrainConfig', 'find_codec', 'prior_learner', 'train_prior', 'codebook_usage',
-           'memorisation_index', 'generate_audio']
+           'CodeCacheFormatError', 'CodeCache', 'CodeWindows', 'RandomCodeWindows', 'SlidingCodeWindows', 'CodeLoader',
+           'PriorDataConfig', 'prior_dataloaders', 'PriorTrainConfig', 'find_codec', 'prior_learner', 'train_prior',
+           'codebook_usage', 'memorisation_index', 'generate_audio']
 
 # %% ../nbs/12b_prior_trainer.ipynb #12921258
 import dataclasses
@@ -89,8 +89,8 @@ def encode_long(codec: Codec,  # the codec
             parts.append(codec.encode(x)[0, :, a - lo:b - lo].cpu().numpy())
     return np.concatenate(parts, 1)
 
-class _OtherFormat(Exception):
-    "A code cache manifest written in another format (rebuilt, not an error)."
+class CodeCacheFormatError(DatasetError):
+    "A code cache written in another format than this kelly reads (`CodeCache.for_audio` rebuilds it)."
 
 class CodeCache:
     "A corpus encoded once by one codec: memory-mapped int16 frames `[N, Q]` with file offsets, checked against its manifest."
@@ -102,7 +102,7 @@ class CodeCache:
         try: m = json.loads(mpath.read_text(encoding="utf-8"))
         except FileNotFoundError: raise DatasetError(f"{str(mpath)!r}: no code cache here (build one with CodeCache.for_audio)") from None
         except (OSError, ValueError) as e: raise DatasetError(f"{str(mpath)!r}: unreadable code cache manifest ({e})") from e
-        if m.get("format") != CODE_CACHE_VERSION: raise DatasetError(f"{str(mpath)!r}: code cache format {m.get('format')!r}, this kelly reads {CODE_CACHE_VERSION}")
+        if m.get("format") != CODE_CACHE_VERSION: raise CodeCacheFormatError(f"{str(mpath)!r}: code cache format {m.get('format')!r}, this kelly reads {CODE_CACHE_VERSION}")
         self.manifest = m
         self.names, self.codec_hash, self.corpus_key = list(m["docs"]), m["codec_hash"], m["corpus_key"]
         self.n_codebooks, self.codebook_size, self.frame_rate = int(m["n_codebooks"]), int(m["codebook_size"]), float(m["frame_rate"])
@@ -132,13 +132,11 @@ class CodeCache:
         folder = Path(folder) if folder is not None else kelly_path(CODE_CACHE_DIR, f"{audio.corpus_key[:_HASH_CHARS]}-{codec_hash[:_HASH_CHARS]}")
         if (folder/CODE_CACHE_MANIFEST).is_file():
             try:
-                written = json.loads((folder/CODE_CACHE_MANIFEST).read_text(encoding="utf-8")).get("format")
-                if written != CODE_CACHE_VERSION: raise _OtherFormat(written)
                 cache = cls(folder)
                 if (cache.corpus_key, cache.codec_hash) == (audio.corpus_key, codec_hash): return cache
                 _log.info("code cache %s is for other audio or another codec: rebuilding", folder)
-            except _OtherFormat as e: _log.info("code cache %s is in format %s, this kelly writes %d: rebuilding", folder, e, CODE_CACHE_VERSION)
-            except (DatasetError, OSError, ValueError, AttributeError) as e: _log.warning("code cache %s is damaged (%s): rebuilding", folder, e)
+            except CodeCacheFormatError as e: _log.info("%s: rebuilding", e)
+            except DatasetError as e: _log.warning("code cache %s is damaged (%s): rebuilding", folder, e)
         _build_code_cache(folder, audio, codec, codec_hash, progress)
         return cls(folder)
 
@@ -219,20 +217,19 @@ def _build_code_cache(folder: Path, audio: AudioCache, codec: Codec, codec_hash:
 # %% ../nbs/12b_prior_trainer.ipynb #b1ce4749
 class CodeWindows:
     "Windows of `frames` frames over the music spans of files of a `CodeCache`, laid out by a pattern as `(input, target)` ids `[L, S]`."
-    join = False  # whether a window runs on from the end of one file's music into the next file's
-
     def __init__(self, cache: CodeCache,  # the encoded corpus
                  pattern: CodePattern,  # the prior's pattern
                  frames: int,  # frames per window (the prior's `max_frames`)
                  docs: Sequence[int] | None = None,  # files to use (default: all; silent files are left out)
                  tail: int = 0,  # frames of closing silence kept after each file's music
+                 join: bool = False,  # a window runs on from the end of one file's music into the next file's (in `docs` order, the last into the first)
                  ):
         if tail < 0: raise DatasetError(f"the closing silence kept must be at least 0 frames, got {tail}")
         if frames < 1: raise DatasetError(f"window length must be at least 1 frame, got {frames}")
         if (pattern.n_codebooks, pattern.codebook_size) != (cache.n_codebooks, cache.codebook_size):
             raise DatasetError(f"the pattern is for {pattern.n_codebooks} × {pattern.codebook_size} codes, the cache {str(cache.folder)!r} "
                                f"holds {cache.n_codebooks} × {cache.codebook_size}")
-        self.cache, self.pattern, self.frames = cache, pattern, int(frames)
+        self.cache, self.pattern, self.frames, self.join = cache, pattern, int(frames), bool(join)
         docs = np.arange(len(cache), dtype=np.int64) if docs is None else np.asarray(docs, dtype=np.int64)
         spans = cache.spans[docs]
         self.docs = docs[spans[:, 1] > spans[:, 0]]
@@ -282,10 +279,9 @@ class RandomCodeWindows(CodeWindows):
     def __init__(self, cache: CodeCache, pattern: CodePattern, frames: int, docs: Sequence[int] | None = None, tail: int = 0, *,
                  seed: int = 0,  # seeds which windows are drawn
                  windows_per_epoch: int | None = None,  # default: enough windows to cover the selected frames once
-                 join: bool = True,  # windows run on from one file's music into the next file's (in `docs` order, the last into the first)
+                 join: bool = True,  # windows run on from one file's music into the next file's (see `CodeWindows`)
                  ):
-        self.join = bool(join)
-        super().__init__(cache, pattern, frames, docs, tail)
+        super().__init__(cache, pattern, frames, docs, tail, join)
         self.rng = CounterRNG(seed)
         self.cum_starts = np.cumsum(self.lengths if self.join else np.maximum(self.lengths - self.frames + 1, 1))
         self.windows_per_epoch = int(windows_per_epoch or max(1, math.ceil(int(self.lengths.sum()) / self.frames)))
@@ -369,7 +365,7 @@ class PriorDataConfig(Config):
         if self.bs < 1: raise ConfigError(f"config key 'bs': must be positive, got {self.bs}")
         if not (math.isfinite(self.valid_frac) and 0 < self.valid_frac < 1): raise ConfigError(f"config key 'valid_frac': must be in (0, 1), got {self.valid_frac}")
         if self.windows_per_epoch is not None and self.windows_per_epoch < 1: raise ConfigError(f"config key 'windows_per_epoch': must be positive, got {self.windows_per_epoch}")
-        if not (math.isfinite(self.piece_tail_seconds) and self.piece_tail_seconds >= 0): raise ConfigError(f"config key 'piece_tail_seconds': must be >= 0, got {self.piece_tail_seconds}")
+        if self.piece_tail_seconds < 0: raise ConfigError(f"config key 'piece_tail_seconds': must be >= 0, got {self.piece_tail_seconds}")   # NaN/inf: the config layer
         if self.num_workers < 0: raise ConfigError(f"config key 'num_workers': must be >= 0, got {self.num_workers}")
 
 def prior_dataloaders(cache: CodeCache,  # the encoded corpus

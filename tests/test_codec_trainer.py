@@ -4,15 +4,13 @@ run folder ends bit for bit where an uninterrupted run ends (the quantizer's EMA
 checkpoints), and a 2-process torchrun job (gloo) trains the codec one process trains.
 """
 import json
-import os
-import signal
 
 import pytest
 import torch
 
 from conftest import tool
 from test_distributed import RUN_TIMEOUT_S, _run
-from test_kill_resume import _wait_for
+from test_kill_resume import sigkill_when
 from test_trainers import SCRIPT, _train_job
 
 from kelly.audio_datasets import AudioDataConfig
@@ -56,12 +54,7 @@ def test_sigkill_then_resume_the_codec_is_bitwise(tmp_path, home):
     assert whole.wait(timeout=RUN_TIMEOUT_S) == 0, (tmp_path/"whole.log").read_text()[-4000:]
 
     killed = _train_job(tmp_path/"killed.yaml", tmp_path/"r_killed", "--codec", "--pause-at", str(KILL_STEP), log=tmp_path/"killed.log")
-    try:
-        _wait_for(killed, f"PAUSED {KILL_STEP}", RUN_TIMEOUT_S)
-        os.kill(killed.pid, signal.SIGKILL)
-        assert killed.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if killed.poll() is None: killed.kill()
+    sigkill_when(killed, f"PAUSED {KILL_STEP}")
     run = runs/"killed"
     assert not (run/METRICS_FILE).exists()
     assert list_checkpoints(run/CHECKPOINT_DIR)[-1].name == "step-000000008.pt"

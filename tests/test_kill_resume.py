@@ -51,6 +51,16 @@ def _wait_for(proc, text, timeout_s):
     pytest.fail(f"never saw {text!r} (exit code {proc.poll()}); stdout: {''.join(seen)[-2000:]}")
 
 
+def sigkill_when(proc, text, timeout_s=RUN_TIMEOUT_S):
+    "Wait until proc prints `text` (it then sleeps, paused by the job), SIGKILL it and check that the signal ended it."
+    try:
+        _wait_for(proc, text, timeout_s)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None: proc.kill()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     t = tmp_path_factory.mktemp("run_a")
@@ -67,12 +77,7 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path, uninterrupted, ki
     with open(tmp_path/"log_b.txt", "w") as err:
         proc = subprocess.Popen([sys.executable, SCRIPT, "--dir", str(ck), "--report", str(report), "--pause-at", str(kill_after), *COMMON],
                                 cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=err, text=True)
-        try:
-            _wait_for(proc, f"PAUSED {kill_after}", RUN_TIMEOUT_S)
-            os.kill(proc.pid, signal.SIGKILL)
-            assert proc.wait(timeout=60) == -signal.SIGKILL
-        finally:
-            if proc.poll() is None: proc.kill()
+        sigkill_when(proc, f"PAUSED {kill_after}")
     assert not report.exists()                                       # it really died before finishing
     assert list_checkpoints(ck)[-1].name == resume_from             # the newest checkpoint before the kill
     log = _run(["--dir", str(ck), "--report", str(report), "--resume", "--weights", str(tmp_path/"w.pt"), *COMMON], tmp_path/"log_c.txt")
@@ -90,12 +95,7 @@ def test_resume_skips_a_checkpoint_cut_short_by_the_kill(tmp_path, uninterrupted
     with open(tmp_path/"log_b.txt", "w") as err:
         proc = subprocess.Popen([sys.executable, SCRIPT, "--dir", str(ck), "--report", str(tmp_path/"r"), "--pause-at", "21", *COMMON],
                                 cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=err, text=True)
-        try:
-            _wait_for(proc, "PAUSED 21", RUN_TIMEOUT_S)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None: proc.kill()
+        sigkill_when(proc, "PAUSED 21")
     newest = ck/"step-000000020.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     log = _run(["--dir", str(ck), "--report", str(tmp_path/"r"), "--resume", "--weights", str(tmp_path/"w.pt"), *COMMON], tmp_path/"log_c.txt")
@@ -111,12 +111,7 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write(tmp_path, uninterrupted):
     with open(tmp_path/"log_b.txt", "w") as err:
         proc = subprocess.Popen([sys.executable, SCRIPT, "--dir", str(ck), "--report", str(tmp_path/"r"), "--pause-in-save", "20", *COMMON],
                                 cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=err, text=True)
-        try:
-            _wait_for(proc, "PAUSED IN SAVE 20", RUN_TIMEOUT_S)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None: proc.kill()
+        sigkill_when(proc, "PAUSED IN SAVE 20")
     leftovers = [p.name for p in ck.iterdir() if p.name.startswith(".step-000000020.pt.")]
     assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")      # half a file, under a temp name only
     assert list_checkpoints(ck)[-1].name == "step-000000016-end.pt"

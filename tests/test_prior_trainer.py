@@ -5,8 +5,6 @@ uninterrupted run ends, and a 2-process torchrun job (gloo) trains the prior one
 built once by the first job and reused by the others (each checks it against the codec's hash).
 """
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import torch
 
 from conftest import tool
 from test_distributed import RUN_TIMEOUT_S, _run
-from test_kill_resume import _wait_for
+from test_kill_resume import sigkill_when
 from test_trainers import SCRIPT, _train_job
 
 from kelly.audio_datasets import AudioCache, bach_chorales_audio
@@ -46,8 +44,9 @@ def home(kelly_home, monkeypatch):
 @pytest.fixture(scope="module")
 def codec_run(tmp_path_factory, kelly_home):
     "A codec run folder holding a small frame codec whose codebooks were k-means initialised on a real chorale."
-    os.environ[KELLY_HOME_ENV] = str(kelly_home)
-    audio = AudioCache.for_corpus(bach_chorales_audio(N_PIECES, progress=False), progress=False)
+    with pytest.MonkeyPatch.context() as mp:            # module scope: the function-scoped monkeypatch is not available here
+        mp.setenv(KELLY_HOME_ENV, str(kelly_home))
+        audio = AudioCache.for_corpus(bach_chorales_audio(N_PIECES, progress=False), progress=False)
     torch.manual_seed(0)
     codec = Codec(CodecConfig(width=32, n_layers=1, latent_dim=16, quantizer=QuantizerConfig(n_codebooks=2, codebook_size=32, quantizer_dropout=0.0)))
     codec.train(); codec(torch.from_numpy(audio.doc(0)[:KMEANS_SAMPLES])[None]); codec.eval()
@@ -78,12 +77,7 @@ def test_sigkill_then_resume_the_prior_is_bitwise(tmp_path, codec_run):
     assert whole.wait(timeout=RUN_TIMEOUT_S) == 0, (tmp_path/"whole.log").read_text()[-4000:]
 
     killed = _train_job(tmp_path/"killed.yaml", tmp_path/"r_killed", "--prior", "--pause-at", str(KILL_STEP), log=tmp_path/"killed.log")
-    try:
-        _wait_for(killed, f"PAUSED {KILL_STEP}", RUN_TIMEOUT_S)
-        os.kill(killed.pid, signal.SIGKILL)
-        assert killed.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if killed.poll() is None: killed.kill()
+    sigkill_when(killed, f"PAUSED {KILL_STEP}")
     run = runs/"killed"
     assert not (run/METRICS_FILE).exists() and not (run/BUNDLE_DIR).exists()
     assert list_checkpoints(run/CHECKPOINT_DIR)[-1].name == "step-000000008.pt"

@@ -9,8 +9,6 @@ torchrun's environment, sharded WindowLoaders, DDP, metrics summed over ranks, o
 """
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 
@@ -159,19 +157,14 @@ def test_sigkill_then_resume_the_music_transformer_is_bitwise(tmp_path, home):
     """The music model on real chorales (augmentation, dropout and the sample monitor on), SIGKILLed while paused after
     step 10 (its newest checkpoint is step 8's), resumed from its run folder: the final weights equal, bit for bit,
     those of the same job never stopped. Both runs are separate processes with the same environment."""
-    from test_kill_resume import _wait_for
+    from test_kill_resume import sigkill_when
     runs = tmp_path/"runs"
     for name in ("whole", "killed"): small_config(runs, name, sample_every=4).save(tmp_path/f"{name}.yaml")
     whole = _train_job(tmp_path/"whole.yaml", tmp_path/"r_whole", log=tmp_path/"whole.log")
     assert whole.wait(timeout=RUN_TIMEOUT_S) == 0, (tmp_path/"whole.log").read_text()[-4000:]
 
     killed = _train_job(tmp_path/"killed.yaml", tmp_path/"r_killed", "--pause-at", str(CRASH_STEP), log=tmp_path/"killed.log")
-    try:
-        _wait_for(killed, f"PAUSED {CRASH_STEP}", RUN_TIMEOUT_S)
-        os.kill(killed.pid, signal.SIGKILL)
-        assert killed.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if killed.poll() is None: killed.kill()
+    sigkill_when(killed, f"PAUSED {CRASH_STEP}")
     run = runs/"killed"
     assert not (tmp_path/"r_killed").exists() and not (run/METRICS_FILE).exists()     # it died before finishing
     assert list_checkpoints(run/CHECKPOINT_DIR)[-1].name == "step-000000008.pt"
