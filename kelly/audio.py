@@ -36,7 +36,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from .core import KellyError, atomic_write, get_logger, not_a_file
+from .core import KellyError, atomic_write, get_logger, not_a_file, quoted
 from .midi import DEFAULT_QPM, Music, MidiError, load_midi, save_midi
 
 # %% ../nbs/03_audio.ipynb #33c70eb9
@@ -167,7 +167,7 @@ def save_audio(path: str | os.PathLike,  # a .wav or .flac file to create or rep
     if not np.isfinite(y).all(): raise _audio_error(path, "refusing to write NaN or infinite samples")
     if int(sr) != sr or sr <= 0: raise _audio_error(path, f"sample rate must be a positive whole number, got {sr}")
     n_clip = int((np.abs(y) > 1).sum())
-    if n_clip and subtype not in ("FLOAT", "DOUBLE"): _log.warning("%s: %d samples outside [-1, 1] are clipped by %s", path, n_clip, subtype)
+    if n_clip and subtype not in ("FLOAT", "DOUBLE"): _log.warning("%s: %d samples outside [-1, 1] are clipped by %s", quoted(path), n_clip, subtype)
     try:
         with atomic_write(path, "wb") as f: sf.write(f, y.T, int(sr), format=fmt, subtype=subtype)
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
@@ -814,7 +814,7 @@ def render_midi(midi_path: str | os.PathLike,  # the MIDI file to play
     if synth not in SYNTHS: raise AudioError(f"render_midi: unknown synth {synth!r} (use one of {', '.join(SYNTHS)})")
     if out_path.suffix.lower() not in WRITE_FORMATS: raise _audio_error(out_path, f"cannot write suffix {out_path.suffix!r} (use .wav or .flac)")
     try: music = load_midi(midi_path)
-    except MidiError as e: raise _audio_error(midi_path, f"cannot render: {e}") from e
+    except MidiError as e: raise _audio_error(midi_path, f"cannot render: {str(e).removeprefix(f'{quoted(midi_path)}: ')}") from e
     if not any(t.n_notes for t in music.tracks): raise _audio_error(midi_path, "has no notes to render")
     if synth == "sine": return save_audio(out_path, synthesize_sine(music, sample_rate=sample_rate), sample_rate)
     font, exe = find_soundfont(soundfont), find_fluidsynth()

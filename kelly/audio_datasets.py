@@ -27,7 +27,7 @@ import soxr
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 
-from .core import Config, ConfigError, atomic_write, get_logger, kelly_path, sha256_file, walk_files, write_json
+from .core import Config, ConfigError, atomic_write, get_logger, kelly_path, sha256_file, umask_mode, walk_files, write_json, quoted
 from .tokenizer import MIDI_SUFFIXES, default_workers
 from .audio import (AUDIO_SUFFIXES, FLUIDSYNTH_GAIN, RENDER_SR, RESAMPLE_QUALITY, AudioError, find_fluidsynth,
                          find_soundfont, load_audio, render_midi, save_audio)
@@ -128,14 +128,14 @@ def _render_bach(folder: Path, midi_folder: Path, manifest: dict | None, limit: 
     todo = [m for m in sorted(sources) if not _bach_audio_piece_ok(folder, audio_name(m), pieces.get(audio_name(m)), sources[m])]
     if todo:
         find_fluidsynth()   # missing FluidSynth: the install hint, before any work starts
-        logger.info("rendering %d of %d Bach chorales to %s in %s", len(todo), len(sources), fmt, folder)
+        logger.info("rendering %d of %d Bach chorales to %s in %s", len(todo), len(sources), fmt, quoted(folder))
     n = max(1, min(workers or default_workers(), len(todo) or 1))
     with ThreadPoolExecutor(n) as pool:
         futures = {pool.submit(_render_piece, midi_folder/m, folder, fmt, settings): m for m in todo}
         try:
             for fut in _progress(as_completed(futures), len(futures), progress):
                 entry = fut.result()
-                if entry["status"] == "failed": logger.warning("could not render %s: %s", entry["midi"], entry["reason"])
+                if entry["status"] == "failed": logger.warning("could not render %s: %s", quoted(entry["midi"]), entry["reason"])
                 pieces[audio_name(futures[fut])] = entry
                 write_json(path, manifest)
         except BaseException:
@@ -143,7 +143,7 @@ def _render_bach(folder: Path, midi_folder: Path, manifest: dict | None, limit: 
             raise
     for stale in set(pieces) - {audio_name(m) for m in sources}: del pieces[stale]
     if not any(e["status"] == "ok" for e in pieces.values()):
-        raise DatasetError(f"no Bach chorale could be rendered in {folder}; reasons are in {path}")
+        raise DatasetError(f"no Bach chorale could be rendered in {quoted(folder)}; reasons are in {quoted(path)}")
     manifest["complete"] = True
     write_json(path, manifest)
     return folder
@@ -168,7 +168,7 @@ class AudioCorpus:
         if not root.is_dir(): raise DatasetError(f"audio corpus folder {str(root)!r} is not a folder")
         files, other = [], []
         walk = walk_files(root, recursive=recursive)   # no symlink cycle followed; unreadable entries logged
-        for name, why in walk.skipped: logger.warning("%s: skipped: %s", root/name, why)
+        for name, why in walk.skipped: logger.warning("%s: skipped: %s", quoted(root/name), why)
         for name, st in walk.files:
             if os.path.splitext(name)[1].lower() in AUDIO_SUFFIXES: files.append(CorpusFile(name, st.st_size, st.st_mtime_ns))
             else: other.append(name)
@@ -361,6 +361,7 @@ def _build_cache(folder: Path, corpus: AudioCorpus, sample_rate: int, dtype: str
     docs, midi, skipped, offsets, digest = [], [], [], [0], hashlib.sha256()
     itemsize = np.dtype(dtype).itemsize
     fd, tmp = tempfile.mkstemp(prefix=".samples-", suffix=".tmp", dir=folder)
+    os.chmod(tmp, umask_mode())   # mkstemp makes 0600: a shared cache stays readable as the umask allows
     try:
         with os.fdopen(fd, "wb") as f:
             for name, (data, error) in zip(corpus.names, _progress(_decode_all(corpus.paths, sample_rate, dtype, workers), len(corpus), progress)):
@@ -391,8 +392,8 @@ def _build_cache(folder: Path, corpus: AudioCorpus, sample_rate: int, dtype: str
         "offsets": offsets_entry, "docs": docs, "midi": midi, "skipped": skipped, "files": index})
     for p in folder.glob("*-*.*"):   # data files of earlier builds; open maps of them stay valid on POSIX
         if p.name.startswith(("samples-", "offsets-")) and p.name not in (samples_file, offsets_file): p.unlink(missing_ok=True)
-    if skipped: logger.warning("skipped %d of %d audio files in %s that could not be read; see %s", len(skipped), len(corpus), corpus.root, folder/AUDIO_CACHE_REPORT)
-    logger.info("cached %d files (%.2f h at %d Hz) from %s into %s", len(docs), n / sample_rate / 3600, sample_rate, corpus.root, folder)
+    if skipped: logger.warning("skipped %d of %d audio files in %s that could not be read; see %s", len(skipped), len(corpus), quoted(corpus.root), quoted(folder/AUDIO_CACHE_REPORT))
+    logger.info("cached %d files (%.2f h at %d Hz) from %s into %s", len(docs), n / sample_rate / 3600, sample_rate, quoted(corpus.root), quoted(folder))
 
 # %% ../nbs/04a_audio_datasets.ipynb #64c8d17e
 RESAMPLE_MARGIN = 64   # source samples read beyond each end of a pitch-shifted crop, so the resampler has context

@@ -26,7 +26,7 @@ from fastai.torch_core import get_model
 from fastcore.foundation import L
 from torch import nn
 
-from .core import KellyError, atomic_write, sha256_file
+from .core import KellyError, atomic_write, sha256_file, quoted
 
 # %% ../nbs/11_checkpoints.ipynb #3a756627
 _log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def non_finite_tensors(tensors: dict,  # a state dict: name -> tensor
 
 def _refuse_non_finite(state: dict, path: Path):
     bad = non_finite_tensors(state.get("model") or {}) if isinstance(state.get("model"), dict) else []
-    if bad: raise CheckpointError(f"{path}: the model weights hold NaN or infinity in {len(bad)} tensor(s) ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+    if bad: raise CheckpointError(f"{quoted(path)}: the model weights hold NaN or infinity in {len(bad)} tensor(s) ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
                                   "a diverged model is never a checkpoint to resume or roll back to")
 
 def save_checkpoint(state: dict,  # plain data (see `check_plain`)
@@ -113,21 +113,21 @@ def load_checkpoint(path: str | os.PathLike,  # a checkpoint written by `save_ch
                     ) -> dict:
     "Verify (sidecar, SHA-256, safe unpickling, format) and load a checkpoint; `CheckpointError` says what is wrong."
     path = Path(path)
-    if not path.is_file(): raise CheckpointError(f"{path}: no such checkpoint file")
+    if not path.is_file(): raise CheckpointError(f"{quoted(path)}: no such checkpoint file")
     side = sidecar_path(path)
-    if not side.is_file(): raise CheckpointError(f"{path}: its checksum file {side.name} is missing (an interrupted save?)")
+    if not side.is_file(): raise CheckpointError(f"{quoted(path)}: its checksum file {side.name} is missing (an interrupted save?)")
     fields = side.read_text(encoding="utf-8", errors="replace").split()
-    if not fields or not _SHA256_HEX.match(fields[0]): raise CheckpointError(f"{path}: checksum file {side.name} is malformed")
+    if not fields or not _SHA256_HEX.match(fields[0]): raise CheckpointError(f"{quoted(path)}: checksum file {side.name} is malformed")
     actual = sha256_file(path)
     if actual != fields[0]:
-        raise CheckpointError(f"{path}: SHA-256 mismatch (file {actual[:12]}..., recorded {fields[0][:12]}...): truncated, corrupted or tampered with")
+        raise CheckpointError(f"{quoted(path)}: SHA-256 mismatch (file {actual[:12]}..., recorded {fields[0][:12]}...): truncated, corrupted or tampered with")
     try: state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e: raise CheckpointError(f"{path}: cannot be loaded safely (weights_only): {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT: raise CheckpointError(f"{path}: not a kelly checkpoint")
+    except Exception as e: raise CheckpointError(f"{quoted(path)}: cannot be loaded safely (weights_only): {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT: raise CheckpointError(f"{quoted(path)}: not a kelly checkpoint")
     if not isinstance(state.get("version"), int) or state["version"] > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {state.get('version')!r} is newer than this kelly reads ({CHECKPOINT_VERSION}); upgrade kelly")
+        raise CheckpointError(f"{quoted(path)}: checkpoint format version {state.get('version')!r} is newer than this kelly reads ({CHECKPOINT_VERSION}); upgrade kelly")
     missing = [k for k in _REQUIRED_KEYS if k not in state]
-    if missing: raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}")
+    if missing: raise CheckpointError(f"{quoted(path)}: incomplete checkpoint, missing {missing}")
     _refuse_non_finite(state, path)
     return state
 
@@ -165,13 +165,13 @@ def load_optimizer_state(opt, state: dict, source: str = "checkpoint"):
     if isinstance(opt, Optimizer):
         params = list(opt.all_params().itemgot(0))
         if len(state["hypers"]) != len(opt.param_lists) or len(state["state"]) != len(params):
-            raise CheckpointError(f"{source}: the optimizer has {len(opt.param_lists)} parameter groups and {len(params)} parameters, "
+            raise CheckpointError(f"{quoted(source)}: the optimizer has {len(opt.param_lists)} parameter groups and {len(params)} parameters, "
                                   f"the checkpoint {len(state['hypers'])} and {len(state['state'])}: is this the same model?")
         moved = [{k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s, p in zip(state["state"], params)]
         opt.load_state_dict({"hypers": L(dict(h) for h in state["hypers"]), "state": moved})
     else:
         try: opt.load_state_dict(state)
-        except (ValueError, KeyError) as e: raise CheckpointError(f"{source}: optimizer state does not fit this optimizer: {e}") from e
+        except (ValueError, KeyError) as e: raise CheckpointError(f"{quoted(source)}: optimizer state does not fit this optimizer: {e}") from e
 
 def _rng_state_of_loader(dl) -> dict:
     version, internal, gauss = dl.rng.getstate()

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import traceback
 import typing
 from pathlib import Path
@@ -27,8 +28,8 @@ import torch
 
 from fastcore.docments import docments
 
-from .core import (Config, ConfigError, KellyError, atomic_write, check_output_folder, kelly_path, os_error_message, setup_logging,
-                        flatten_dict, write_json)
+from .core import (Config, ConfigError, KellyError, atomic_write, check_output_folder, kelly_path, os_error_message, output_folder, setup_logging,
+                        flatten_dict, write_json, quoted)
 from .tokenizer import Tokenizer, TokenizerConfig, check_roundtrip
 from .datasets import TokenCache
 from .samplers import SamplingConfig, generate, midi_prompt
@@ -37,7 +38,7 @@ from .exporters import (PRIOR_CODEC_DIR, load_prior, MANIFEST_FILE, AudioCodes, 
 from .evaluation import (CORPUS_PLOT, CORPUS_REPORT, QUALITY_PLOT, QUALITY_REPORT, evaluate_bundle, evaluate_folders,
                               format_folder_report, format_summary)
 from .distributed import is_main_process
-from .trainers import BUNDLE_DIR, CONFIG_FILE, TrainConfig, run_folder, train
+from .trainers import BUNDLE_DIR, CONFIG_FILE, RUNS_DIR, TrainConfig, run_folder, train
 from .codec_trainer import RECONSTRUCTIONS_DIR, CodecTrainConfig, train_codec
 from .code_sampler import CodeSamplingConfig
 from .prior_trainer import REPORT_FILE, PriorTrainConfig, generate_audio, train_prior
@@ -219,7 +220,7 @@ def newest_bundle(root: Path | None = None,  # where to look (default: `$KELLY_H
                   model_hash: str | None = None,  # only the bundle of this model (a codes file's `model_hash`)
                   ) -> Path:
     "The most recently written bundle folder under `root` (of `kind`, of the model `model_hash`); `KellyError` when there is none."
-    root = Path(root) if root is not None else kelly_path("runs")
+    root = Path(root) if root is not None else kelly_path(RUNS_DIR, create=False)
     found = [m.parent for m in root.rglob(MANIFEST_FILE)] if root.is_dir() else []
     if kind is not None:
         def _is_kind(p):
@@ -230,8 +231,8 @@ def newest_bundle(root: Path | None = None,  # where to look (default: `$KELLY_H
     if not found:
         what = f"{kind} bundle" if kind else "model bundle"
         if model_hash is not None: what += f" of the model {model_hash[:12]}"
-        train = "kelly audio train" if kind == "codec" else "kelly train"
-        raise KellyError(f"no {what} under {root}: train one with `{train}`, or pass --model BUNDLE")
+        train = {"codec": "kelly audio train", "prior": "kelly audio train-prior"}.get(kind, "kelly train")
+        raise KellyError(f"no {what} under {quoted(root)}: train one with `{train}`, or pass --model BUNDLE")
     return max(found, key=lambda p: (p/MANIFEST_FILE).stat().st_mtime_ns)
 
 def bundle_folder(path: Path,  # a bundle folder, or a run folder that holds one in `bundle/`
@@ -435,11 +436,8 @@ def cmd_audio_generate(args,  # parsed arguments of `kelly audio generate`
     if sampling.seed is None: sampling = sampling.override(f"seed={int(torch.randint(SEED_RANGE, ()))}")
     path = _bundle_path(args, kind="prior")
     pair = load_prior(path, args.codec, device=args.device)
-    created = not Path(args.out).exists()
-    try: report = generate_audio(pair, args.out, n=args.n, config=sampling, prompt=args.prompt, prefix=args.prefix)
-    except BaseException:
-        if created and Path(args.out).is_dir() and not any(Path(args.out).iterdir()): Path(args.out).rmdir()   # a failure leaves no new, empty folder
-        raise
+    with output_folder(args.out):   # a failure leaves no new folder (nor new parents) behind
+        report = generate_audio(pair, args.out, n=args.n, config=sampling, prompt=args.prompt, prefix=args.prefix)
     print(f"prior: {path} (seed {sampling.seed}); codec: {pair.codec.path}", file=out)
     print(f"{report['n']} clip(s) in {report['sample_seconds'] + report['decode_seconds']:.1f} s "
           f"({report['realtime_factor']:.2f}x realtime: sampling {report['sample_seconds']:.1f} s, decoding {report['decode_seconds']:.1f} s)", file=out)
@@ -482,14 +480,17 @@ def _add_prior_commands(audio):
 def cmd_audio_render(args,  # parsed arguments of `kelly audio render`
                      out=None,  # where to print (default stdout)
                      ) -> int:
-    "Render MIDI files to audio files in `--out`; returns the exit status."
+    "Render MIDI files to audio files in `--out`, all or none (a bad file among good ones leaves nothing); returns the exit status."
     out = out or sys.stdout
     check_output_folder(args.out)
-    for midi in args.midi:
-        dest = Path(args.out)/f"{Path(midi).stem}.{args.format}"
-        path = render_midi(midi, dest, soundfont=args.soundfont, sample_rate=args.sample_rate, synth=args.synth,
-                           reverb=args.reverb, chorus=args.chorus)
-        print(path, file=out)
+    names = [f"{Path(midi).stem}.{args.format}" for midi in args.midi]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice: raise KellyError(f"two inputs would write the same file {quoted(Path(args.out)/twice[0])}: render them into separate --out folders")
+    with output_folder(args.out) as folder, tempfile.TemporaryDirectory(prefix=".render.", dir=folder) as stage:
+        staged = [render_midi(midi, Path(stage)/name, soundfont=args.soundfont, sample_rate=args.sample_rate, synth=args.synth,
+                              reverb=args.reverb, chorus=args.chorus) for midi, name in zip(args.midi, names)]
+        for f in staged: os.replace(f, folder/f.name)   # all rendered: publish them together (renames within one disk)
+    for name in names: print(Path(args.out)/name, file=out)
     return 0
 
 def check_output_file(path: str | os.PathLike,  # a file about to be written (replaced if it exists)

@@ -23,7 +23,7 @@ from fastai.optimizer import Adam
 from fastai.torch_core import get_model
 from fastcore.basics import noop
 
-from .core import Config, ConfigError, pick_device, seed_everything, write_json
+from .core import Config, ConfigError, pick_device, quoted, seed_everything, write_json
 from .audio_datasets import AudioCorpus, AudioDataConfig, audio_dataloaders, bach_chorales_audio
 from .codec import Codec, CodecConfig
 from .audio_losses import CodecLoss, CodecLossConfig
@@ -141,7 +141,7 @@ class CodecTrainConfig(Config):
 # %% ../nbs/12a_codec_trainer.ipynb #b03dfa82
 def _audio_corpus(config: CodecTrainConfig, progress: bool) -> Path:
     if config.corpus is None: return bach_chorales_audio(config.corpus_limit, progress=progress)
-    if not Path(config.corpus).is_dir(): raise TrainerError(f"config key 'corpus': {config.corpus} is not a folder of audio files")
+    if not Path(config.corpus).is_dir(): raise TrainerError(f"config key 'corpus': {quoted(config.corpus)} is not a folder of audio files")
     return Path(config.corpus)
 
 def train_codec(config: CodecTrainConfig | None = None,  # the run's settings (default: `kelly audio train`'s job)
@@ -186,7 +186,7 @@ def _train_codec(config, rank, world_size, device, resume, cbs, progress, wait=F
         handler = _run_log_handler(run_dir/LOG_FILE) if main else None
         try:
             _log.info("training a %s codec (%.2fM parameters, %.2f kbit/s) on %s, %d process(es), run folder %s", config.model.arch,
-                      codec.n_params() / 1e6, config.model.bitrate / 1000, device, world_size, run_dir)
+                      codec.n_params() / 1e6, config.model.bitrate / 1000, device, world_size, quoted(run_dir))
             start = time.perf_counter()
             fit_lm(learn, config.optim)
             metrics = run_metrics(learn, time.perf_counter() - start)

@@ -31,7 +31,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastprogress.fastprogress import progress_bar
 
-from .core import Config, ConfigError, KellyError, atomic_write, get_logger, kelly_path, sha256_file, walk_files, write_json
+from .core import Config, ConfigError, KellyError, atomic_write, get_logger, kelly_path, sha256_file, umask_mode, walk_files, write_json, quoted
 from .tokenizer import MIDI_SUFFIXES, Tokenizer, default_workers, tokenize_files
 
 # %% ../nbs/04_datasets.ipynb #12a88afc
@@ -61,7 +61,7 @@ def _read_json(path: Path) -> dict | None:
         data = json.loads(path.read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        logger.warning("ignoring unreadable manifest %s: %s", path, e)
+        logger.warning("ignoring unreadable manifest %s: %s", quoted(path), e)
         return None
 
 
@@ -142,7 +142,7 @@ def _build_bach(folder: Path, manifest: dict | None, limit: int | None, workers:
     manifest.update(music21=version, complete=False)
     pieces = manifest["pieces"]
     todo = [s for s in sources if not _bach_piece_ok(folder/(s.stem + ".mid"), pieces.get(s.stem + ".mid"), version)]
-    if todo: logger.info("building %d of %d Bach chorales as MIDI in %s", len(todo), len(sources), folder)
+    if todo: logger.info("building %d of %d Bach chorales as MIDI in %s", len(todo), len(sources), quoted(folder))
     for source, (data, reason) in _convert_all(todo, workers, progress):
         target = folder/(source.stem + ".mid")
         entry = {"source": f"{source.parent.name}/{source.name}"}
@@ -155,7 +155,7 @@ def _build_bach(folder: Path, manifest: dict | None, limit: int | None, workers:
         pieces[target.name] = entry
         write_json(manifest_path, manifest)
     n_ok = sum(pieces.get(s.stem + ".mid", {}).get("status") == "ok" for s in sources)
-    if n_ok == 0: raise DatasetError(f"no Bach chorale could be converted to MIDI in {folder}; reasons are in {manifest_path}")
+    if n_ok == 0: raise DatasetError(f"no Bach chorale could be converted to MIDI in {quoted(folder)}; reasons are in {quoted(manifest_path)}")
     manifest["complete"] = True
     write_json(manifest_path, manifest)
     return folder
@@ -202,8 +202,8 @@ class MidiCorpus:
                     recursive: bool = True):  # also look in sub-folders
         "Every MIDI file under `folder`; a missing folder or one without MIDI files raises `DatasetError`."
         root = Path(folder).expanduser()
-        if not root.exists(): raise DatasetError(f"corpus folder {root} does not exist")
-        if not root.is_dir(): raise DatasetError(f"corpus folder {root} is not a folder")
+        if not root.exists(): raise DatasetError(f"corpus folder {quoted(root)} does not exist")
+        if not root.is_dir(): raise DatasetError(f"corpus folder {quoted(root)} is not a folder")
         walk = walk_files(root, MIDI_SUFFIXES, recursive=recursive)   # no symlink cycle followed; unreadable entries listed
         files = [CorpusFile(name, st.st_size, st.st_mtime_ns) for name, st in walk.files]
         if not files:
@@ -211,7 +211,7 @@ class MidiCorpus:
             other = f"; it holds {len(walk.ignored)} other file(s), e.g. {walk.ignored[0]}" if walk.ignored else (" (it is empty)" if not walk.skipped else "")
             bad = f"; {len(walk.skipped)} entr{'y' if len(walk.skipped) == 1 else 'ies'} could not be read (first: {walk.skipped[0][0]}: {walk.skipped[0][1]})" if walk.skipped else ""
             raise DatasetError(f"corpus folder {str(root)!r} {where}holds no {'readable ' if walk.skipped else ''}MIDI files (names ending in {', '.join(MIDI_SUFFIXES)}){other}{bad}")
-        for name, why in walk.skipped: logger.warning("%s: skipped: %s", root/name, why)
+        for name, why in walk.skipped: logger.warning("%s: skipped: %s", quoted(root/name), why)
         return cls(root, files, walk.ignored, walk.skipped)
 
     @property
@@ -393,9 +393,9 @@ def reuse_or_build(folder: Path,  # the cache folder (created when missing)
                 else:
                     if index != old["files"]: write_json(folder/manifest_name, {**old, "files": index})  # touched, same bytes: remember the new mtimes
                     return cache
-            else: logger.info("rebuilding %s %s: %s", what, folder, why)
+            else: logger.info("rebuilding %s %s: %s", what, quoted(folder), why)
         elif (folder/manifest_name).exists(): logger.warning("%s; rebuilding it", unreadable)
-        else: logger.info("building %s %s for %s", what, folder, corpus.root)
+        else: logger.info("building %s %s for %s", what, quoted(folder), quoted(corpus.root))
         for p in folder.glob(".*.tmp"): p.unlink()   # left by a killed build; no writer can be active under the lock
         build(index)
         return open_cache(False)
@@ -475,6 +475,7 @@ def _build_cache(folder: Path, corpus: MidiCorpus, tokenizer, index: dict, worke
     dtype = token_dtype(tokenizer.vocab_size)
     docs, skipped, offsets, digest = [], [list(u) for u in corpus.unreadable], [0], hashlib.sha256()   # unreadable entries head the report
     fd, tmp = tempfile.mkstemp(prefix=".tokens-", suffix=".tmp", dir=folder)
+    os.chmod(tmp, umask_mode())   # mkstemp makes 0600: a shared cache stays readable as the umask allows
     try:
         with os.fdopen(fd, "wb") as f:
             for name, (_, ids, error) in zip(corpus.names, _progress(tokenize_files(tokenizer, corpus.paths, workers=workers), len(corpus), progress)):
@@ -487,9 +488,9 @@ def _build_cache(folder: Path, corpus: MidiCorpus, tokenizer, index: dict, worke
             f.flush(); os.fsync(f.fileno())
         _write_report(folder, corpus, docs, skipped)
         if not docs:
-            first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
-            raise DatasetError(f"corpus folder {corpus.root} holds no readable MIDI: all {len(corpus)} file(s) failed; "
-                               f"reasons are listed in {folder/TOKEN_CACHE_REPORT}{first}")
+            first = f" (first: {quoted(skipped[0][0])}: {skipped[0][1]})" if skipped else ""
+            raise DatasetError(f"corpus folder {quoted(corpus.root)} holds no readable MIDI: all {len(corpus)} file(s) failed; "
+                               f"reasons are listed in {quoted(folder/TOKEN_CACHE_REPORT)}{first}")
         tokens_file = f"tokens-{digest.hexdigest()[:_HASH_CHARS]}.bin"
         os.replace(tmp, folder/tokens_file)
     except BaseException:
@@ -504,14 +505,14 @@ def _build_cache(folder: Path, corpus: MidiCorpus, tokenizer, index: dict, worke
     write_json(folder/TOKEN_CACHE_MANIFEST, manifest)
     for p in folder.glob("*-*.*"):   # data files of earlier builds; open maps of them stay valid on POSIX
         if p.name.startswith(("tokens-", "offsets-")) and p.name not in (tokens_file, offsets_file): p.unlink(missing_ok=True)
-    if skipped: logger.warning("skipped %d of %d MIDI files in %s that could not be read; see %s", len(skipped), len(corpus) + len(corpus.unreadable), corpus.root, folder/TOKEN_CACHE_REPORT)
-    logger.info("tokenized %d files (%d tokens) from %s into %s", len(docs), n_tokens, corpus.root, folder)
+    if skipped: logger.warning("skipped %d of %d MIDI files in %s that could not be read; see %s", len(skipped), len(corpus) + len(corpus.unreadable), quoted(corpus.root), quoted(folder/TOKEN_CACHE_REPORT))
+    logger.info("tokenized %d files (%d tokens) from %s into %s", len(docs), n_tokens, quoted(corpus.root), quoted(folder))
 
 def _checked_ids(ids, vocab_size: int, path: Path) -> np.ndarray:
     "`ids` as a 1-d integer array, or `DatasetError` when the tokenizer produced ids outside its vocabulary (a bug, never data)."
     ids = np.asarray(ids)
     if ids.ndim != 1 or (ids.size and (ids.min() < 0 or ids.max() >= vocab_size)):
-        raise DatasetError(f"the tokenizer produced ids outside [0, {vocab_size}) or not a 1-d array for {path}")
+        raise DatasetError(f"the tokenizer produced ids outside [0, {vocab_size}) or not a 1-d array for {quoted(path)}")
     return ids
 
 def _write_offsets(folder: Path, offsets: np.ndarray) -> tuple[str, dict]:
@@ -597,13 +598,13 @@ class TokenWindows:
                  seq_len: int,  # tokens per training example (x and y each have `seq_len`)
                  docs: Sequence[int] | None = None):  # indices of the cache's documents to use (default: all)
         if cache.tokenizer_hash != tokenizer.hash:
-            raise DatasetError(f"token cache {cache.folder} was built by tokenizer {cache.tokenizer_hash[:12]}, not by this one "
+            raise DatasetError(f"token cache {quoted(cache.folder)} was built by tokenizer {cache.tokenizer_hash[:12]}, not by this one "
                                f"({str(tokenizer.hash)[:12]}): build the cache with TokenCache.for_corpus(corpus, tokenizer)")
         if seq_len < 1: raise DatasetError(f"seq_len must be at least 1, got {seq_len}")
         self.cache, self.seq_len = cache, int(seq_len)
         self.bos_id, self.eos_id, self.pad_id = int(tokenizer.bos_id), int(tokenizer.eos_id), int(tokenizer.pad_id)
         self.docs = np.arange(len(cache), dtype=np.int64) if docs is None else np.asarray(docs, dtype=np.int64)
-        if self.docs.size == 0: raise DatasetError(f"no documents selected from token cache {cache.folder}")
+        if self.docs.size == 0: raise DatasetError(f"no documents selected from token cache {quoted(cache.folder)}")
         self.framed_lengths = cache.lengths[self.docs] + 2   # with bos and eos
 
     def window(self, doc: int,  # position in `self.docs`

@@ -46,8 +46,8 @@ from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 
 from . import __version__
-from .core import (Config, ConfigError, KellyError, atomic_write, ensure_folder, not_a_file, os_error_message, pick_device, process_alive, sha256_file,
-                        umask_mode, write_json)
+from .core import (Config, ConfigError, KellyError, atomic_write, ensure_folder, not_a_file, os_error_message, output_folder, pick_device, process_alive, sha256_file,
+                        umask_mode, write_json, quoted)
 from .midi import (DEFAULT_QPM, DEFAULT_TIME_SIGNATURE, MIDI_MAX, TEMPO_DTYPE, TIME_SIGNATURE_DTYPE, Music, RepairReport,
                         Track, bars, repair, save_midi)
 from .audio import load_audio, resample
@@ -110,11 +110,11 @@ class MidiExport:
 
     def __str__(self) -> str:
         m = self.music
-        parts = [f"wrote {self.path}: {m.n_notes} notes, {len(m.tracks)} tracks, {m.end_tick / m.tpq:g} quarters"]
+        parts = [f"wrote {quoted(self.path)}: {m.n_notes} notes, {len(m.tracks)} tracks, {m.end_tick / m.tpq:g} quarters"]
         if self.decode is not None: parts.append(str(self.decode))
         if self.repair.n_changes: parts.append(str(self.repair))
         if self.ticks_rounded: parts.append(f"{self.ticks_rounded} times rounded to {m.tpq} ticks per quarter")
-        if self.piano_roll is not None: parts.append(f"piano roll {self.piano_roll}")
+        if self.piano_roll is not None: parts.append(f"piano roll {quoted(self.piano_roll)}")
         return "; ".join(parts)
 
 def _explicit_start(music: Music) -> Music:
@@ -126,12 +126,16 @@ def _explicit_start(music: Music) -> Music:
         ts = np.concatenate([np.array([(0, *DEFAULT_TIME_SIGNATURE)], TIME_SIGNATURE_DTYPE), ts])
     return Music(music.tpq, music.tracks, tempos, ts)
 
-def _write(music: Music, path, tpq: int, piano_roll, decoded: DecodeReport | None) -> MidiExport:
+def _log_export(out: MidiExport):
+    "One log line per file written: a warning when ids were skipped or times rounded."
+    _log.log(logging.WARNING if out.n_skipped or out.ticks_rounded else logging.INFO, "%s", out)
+
+def _write(music: Music, path, tpq: int, piano_roll, decoded: DecodeReport | None, log: bool = True) -> MidiExport:
     scaled, rounded = rescale(music, tpq)
     fixed, report = repair(_explicit_start(scaled))
     out = MidiExport(save_midi(fixed, path), fixed, decoded, report, rounded)
     if piano_roll is not None: out.piano_roll = save_piano_roll(fixed, piano_roll, title=Path(path).stem)
-    _log.log(logging.WARNING if out.n_skipped or out.ticks_rounded else logging.INFO, "%s", out)
+    if log: _log_export(out)
     return out
 
 
@@ -166,25 +170,26 @@ def export_pieces(tokenizer: Tokenizer,  # the tokenizer the ids come from
                   tpq: int = MIDI_TPQ,  # ticks per quarter of the files
                   ) -> list[MidiExport]:
     "Write one MIDI file (and piano roll) per sequence into `out_dir`, all or none: staged in a hidden folder, then published; what `kelly generate` calls."
-    out_dir = Path(out_dir)
-    created = not out_dir.exists()
-    ensure_folder(out_dir, "output folder")
     seqs = sequences.sequences() if hasattr(sequences, "sequences") else sequences
+    with output_folder(out_dir) as out_dir:   # a failure leaves no folder this call made (parents included)
+        return _publish_pieces(tokenizer, seqs, out_dir, prefix, piano_rolls, tpq)
+
+def _publish_pieces(tokenizer, seqs, out_dir: Path, prefix: str, piano_rolls: bool, tpq: int) -> list[MidiExport]:
+    "Write the pieces into a hidden staging folder in `out_dir`, then rename them into it."
     stage = Path(tempfile.mkdtemp(prefix=f".{prefix}.{os.getpid()}.", suffix=_STAGE_SUFFIX, dir=out_dir))
     try:
         staged = []
         for i, ids in enumerate(seqs):
             stem = stage/f"{prefix}-{i:03d}"
-            staged.append(ids_to_midi(tokenizer, ids, path=stem.with_suffix(".mid"), tpq=tpq, piano_roll=stem.with_suffix(".png") if piano_rolls else None))
+            music, decoded = tokenizer.decode_with_report(ids)
+            staged.append(_write(music, stem.with_suffix(".mid"), tpq, stem.with_suffix(".png") if piano_rolls else None, decoded, log=False))
         results = []
         for e in staged:   # renames within one folder: no new data is written, so a full disk cannot stop them halfway
             for f in (e.path, e.piano_roll):
                 if f is not None: os.chmod(f, umask_mode()); os.replace(f, out_dir/f.name)
             results.append(dataclasses.replace(e, path=out_dir/e.path.name, piano_roll=out_dir/e.piano_roll.name if e.piano_roll else None))
+        for e in results: _log_export(e)   # the files' published names, not the staging folder's
         return results
-    except BaseException:
-        if created: shutil.rmtree(out_dir, ignore_errors=True)   # made for this export: nothing of it stays
-        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -441,7 +446,7 @@ def _remove_leftovers(path: Path):
     for f in stale:
         if _writer_alive(f, path.name): continue
         if f.is_dir():
-            _log.warning("removing %s, left by an interrupted save of %s", f, path)
+            _log.warning("removing %s, left by an interrupted save of %s", quoted(f), quoted(path))
             shutil.rmtree(f, ignore_errors=True)
 
 def save_bundle(path: str | os.PathLike,  # the bundle folder to create
@@ -457,30 +462,30 @@ def save_bundle(path: str | os.PathLike,  # the bundle folder to create
     model = _unwrap(model)
     kind = kind_of(model, path)
     if kind.tokenizer:
-        if tokenizer is None: raise BundleError(f"{path}: a {kind.name} bundle needs the tokenizer the model was trained with (tokenizer=...)")
+        if tokenizer is None: raise BundleError(f"{quoted(path)}: a {kind.name} bundle needs the tokenizer the model was trained with (tokenizer=...)")
         if model.config.vocab_size != tokenizer.vocab_size:
-            raise BundleError(f"{path}: the model has {model.config.vocab_size} token ids but the tokenizer {tokenizer.vocab_size}; "
+            raise BundleError(f"{quoted(path)}: the model has {model.config.vocab_size} token ids but the tokenizer {tokenizer.vocab_size}; "
                               "bundle the tokenizer the model was trained with")
     elif tokenizer is not None:
-        raise BundleError(f"{path}: a {kind.name} bundle holds no tokenizer; leave tokenizer= out")
+        raise BundleError(f"{quoted(path)}: a {kind.name} bundle holds no tokenizer; leave tokenizer= out")
     why = kind.problem(model) if kind.problem is not None else None
-    if why: raise BundleError(f"{path}: cannot bundle this {type(model).__name__}: {why}")
+    if why: raise BundleError(f"{quoted(path)}: cannot bundle this {type(model).__name__}: {why}")
     meta = _plain({} if metadata is None else metadata, "metadata")
-    if not isinstance(meta, dict): raise BundleError(f"{path}: metadata must be a dict, got {type(metadata).__name__}")
+    if not isinstance(meta, dict): raise BundleError(f"{quoted(path)}: metadata must be a dict, got {type(metadata).__name__}")
     if path.exists():
-        if not overwrite: raise BundleError(f"{path}: already exists; pass overwrite=True to replace it")
-        if not (path.is_dir() and (path/MANIFEST_FILE).is_file()): raise BundleError(f"{path}: exists and is not a kelly bundle; refusing to replace it")
+        if not overwrite: raise BundleError(f"{quoted(path)}: already exists; pass overwrite=True to replace it")
+        if not (path.is_dir() and (path/MANIFEST_FILE).is_file()): raise BundleError(f"{quoted(path)}: exists and is not a kelly bundle; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX, dir=path.parent))
     try:
-        if with_onnx and kind.name != "lm": raise BundleError(f"{path}: with_onnx applies to language-model bundles, not {kind.name}")
+        if with_onnx and kind.name != "lm": raise BundleError(f"{quoted(path)}: with_onnx applies to language-model bundles, not {kind.name}")
         _write_bundle_files(tmp, model, kind, tokenizer, meta, with_onnx)
         _publish(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _log.info("saved bundle %s (%s: %s, %d parameters%s)", path, kind.name, type(model).__name__, n_parameters(model),
+    _log.info("saved bundle %s (%s: %s, %d parameters%s)", quoted(path), kind.name, type(model).__name__, n_parameters(model),
               f", tokenizer {tokenizer.hash[:12]}" if tokenizer is not None else "")
     return path
 
@@ -522,38 +527,38 @@ def bundle_loader(version: int):  # the format version the decorated function re
 
 def _missing_bundle_hint(path: Path) -> str:
     old = sorted(p for p in path.parent.glob(f".{path.name}.*{_OLD_SUFFIX}") if (p/MANIFEST_FILE).is_file()) if path.parent.is_dir() else []
-    return f" (an interrupted save left the previous bundle at {', '.join(map(str, old))}; rename it back)" if old else ""
+    return f" (an interrupted save left the previous bundle at {', '.join(map(quoted, old))}; rename it back)" if old else ""
 
 def _read_manifest(path: Path) -> tuple[dict, bytes]:
     "The manifest of the bundle at `path` and its raw bytes, after checking format name and version."
-    if not path.exists(): raise BundleError(f"{path}: no such bundle{_missing_bundle_hint(path)}")
-    if not path.is_dir(): raise BundleError(f"{path}: not a bundle (a bundle is a folder holding {MANIFEST_FILE})")
+    if not path.exists(): raise BundleError(f"{quoted(path)}: no such bundle{_missing_bundle_hint(path)}")
+    if not path.is_dir(): raise BundleError(f"{quoted(path)}: not a bundle (a bundle is a folder holding {MANIFEST_FILE})")
     mpath = path/MANIFEST_FILE
-    if not mpath.is_file(): raise BundleError(f"{mpath}: missing, so {path} is not a kelly bundle")
+    if not mpath.is_file(): raise BundleError(f"{quoted(mpath)}: missing, so {quoted(path)} is not a kelly bundle")
     raw = mpath.read_bytes()
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{mpath}: damaged (not valid JSON: {e})") from e
+        raise BundleError(f"{quoted(mpath)}: damaged (not valid JSON: {e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise BundleError(f"{mpath}: not a kelly bundle manifest (format {found!r}, expected {BUNDLE_FORMAT!r})")
+        raise BundleError(f"{quoted(mpath)}: not a kelly bundle manifest (format {found!r}, expected {BUNDLE_FORMAT!r})")
     version = manifest.get("format_version")
-    if type(version) is not int or version < 1: raise BundleError(f"{mpath}: format_version {version!r} is not a version number")
+    if type(version) is not int or version < 1: raise BundleError(f"{quoted(mpath)}: format_version {version!r} is not a version number")
     newest = max(BUNDLE_LOADERS)
     if version > newest:
-        raise BundleError(f"{mpath}: bundle format version {version} is newer than this kelly ({__version__}) reads "
+        raise BundleError(f"{quoted(mpath)}: bundle format version {version} is newer than this kelly ({__version__}) reads "
                           f"(format versions up to {newest}); upgrade kelly to load it")
-    if version not in BUNDLE_LOADERS: raise BundleError(f"{mpath}: bundle format version {version} has no reader in this kelly")
+    if version not in BUNDLE_LOADERS: raise BundleError(f"{quoted(mpath)}: bundle format version {version} has no reader in this kelly")
     return manifest, raw
 
 def _manifest_kind(mpath: Path, manifest: dict) -> BundleKind:
     "The kind a manifest names (format 1: always a language model); unknown kinds are refused."
     if manifest["format_version"] == 1: return BUNDLE_KINDS["lm"]
-    if "kind" not in manifest: raise BundleError(f"{mpath}: names no model kind (format {manifest['format_version']} must)")
+    if "kind" not in manifest: raise BundleError(f"{quoted(mpath)}: names no model kind (format {manifest['format_version']} must)")
     name = manifest["kind"]
     if not isinstance(name, str) or name not in BUNDLE_KINDS:
-        raise BundleError(f"{mpath}: model kind {name!r} is unknown to this kelly ({__version__}), which reads "
+        raise BundleError(f"{quoted(mpath)}: model kind {name!r} is unknown to this kelly ({__version__}), which reads "
                           f"{', '.join(map(repr, BUNDLE_KINDS))}; upgrade kelly to load it")
     return BUNDLE_KINDS[name]
 
@@ -575,12 +580,12 @@ def load_bundle(path: str | os.PathLike,  # a bundle folder written by `save_bun
     manifest, raw = _read_manifest(path)
     found = _manifest_kind(path/MANIFEST_FILE, manifest)
     if kind is not None and found.name != kind:
-        raise BundleError(f"{path}: holds a {found.name} model ({found.model_cls.__name__}), not the {kind} model this needs")
+        raise BundleError(f"{quoted(path)}: holds a {found.name} model ({found.model_cls.__name__}), not the {kind} model this needs")
     if tokenizer is not None and not found.tokenizer:
-        raise BundleError(f"{path}: a {found.name} bundle holds no tokenizer to compare with the one given")
+        raise BundleError(f"{quoted(path)}: a {found.name} bundle holds no tokenizer to compare with the one given")
     bundle = BUNDLE_LOADERS[manifest["format_version"]](path, manifest, raw, pick_device(device))
     if tokenizer is not None and tokenizer.hash != bundle.tokenizer.hash:
-        raise BundleError(f"{path/TOKENIZER_FILE}: the model was trained with tokenizer {bundle.tokenizer.hash[:12]} "
+        raise BundleError(f"{quoted(path/TOKENIZER_FILE)}: the model was trained with tokenizer {bundle.tokenizer.hash[:12]} "
                           f"(vocab {bundle.tokenizer.vocab_size}, pad {bundle.tokenizer.pad_id}), not the one given "
                           f"({tokenizer.hash[:12]}, vocab {tokenizer.vocab_size}, pad {tokenizer.pad_id})")
     return bundle
@@ -595,39 +600,39 @@ def _check_manifest_hash(mpath: Path, manifest: dict, raw: bytes):
     written = manifest.get(MANIFEST_HASH_KEY)
     ok = isinstance(written, str) and re.fullmatch(r"[0-9a-f]{64}", written) is not None and raw.count(written.encode()) == 1
     if not ok or hashlib.sha256(raw.replace(written.encode(), _HASH_PLACEHOLDER.encode())).hexdigest() != written:
-        raise BundleError(f"{mpath}: checksum mismatch: the manifest was changed or damaged after it was written")
+        raise BundleError(f"{quoted(mpath)}: checksum mismatch: the manifest was changed or damaged after it was written")
 
 def _check_file(path: Path, name, entry):
     "Size and SHA-256 of one listed file."
     if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
-        raise BundleError(f"{path/MANIFEST_FILE}: lists {name!r}, which is not a plain file name inside the bundle")
+        raise BundleError(f"{quoted(path/MANIFEST_FILE)}: lists {name!r}, which is not a plain file name inside the bundle")
     f = path/name
-    if not f.is_file(): raise BundleError(f"{f}: missing (listed in {MANIFEST_FILE})")
+    if not f.is_file(): raise BundleError(f"{quoted(f)}: missing (listed in {MANIFEST_FILE})")
     size = f.stat().st_size
-    if size != entry["bytes"]: raise BundleError(f"{f}: {size} bytes where the manifest says {entry['bytes']} (truncated, damaged or replaced)")
+    if size != entry["bytes"]: raise BundleError(f"{quoted(f)}: {size} bytes where the manifest says {entry['bytes']} (truncated, damaged or replaced)")
     digest = sha256_file(f)
     if digest != entry["sha256"]:
-        raise BundleError(f"{f}: SHA-256 mismatch (the file was changed or damaged after the bundle was written): "
+        raise BundleError(f"{quoted(f)}: SHA-256 mismatch (the file was changed or damaged after the bundle was written): "
                           f"manifest {entry['sha256'][:12]}, file {digest[:12]}")
 
 def _read_json_file(f: Path):
     try: return json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e: raise BundleError(f"{f}: not valid JSON: {e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e: raise BundleError(f"{quoted(f)}: not valid JSON: {e}") from e
 
 def _weights_header(f: Path) -> dict:
     try:
         with safetensors.safe_open(str(f), "pt") as h: return h.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for a malformed header
-        raise BundleError(f"{f}: not a readable safetensors file: {e}") from e
+        raise BundleError(f"{quoted(f)}: not a readable safetensors file: {e}") from e
 
 def _build_model(path: Path, model_cls: type, config: Config, dtype: str, device: torch.device) -> torch.nn.Module:
     f = path/WEIGHTS_FILE
-    if dtype not in _DTYPES: raise BundleError(f"{path/MANIFEST_FILE}: unknown dtype {dtype!r} (known: {', '.join(_DTYPES)})")
+    if dtype not in _DTYPES: raise BundleError(f"{quoted(path/MANIFEST_FILE)}: unknown dtype {dtype!r} (known: {', '.join(_DTYPES)})")
     model = model_cls(config).to(_DTYPES[dtype])
     try:
         safetensors.torch.load_model(model, str(f), strict=True)
     except Exception as e:  # missing/unexpected tensors or wrong shapes (RuntimeError), safetensors' own errors
-        raise BundleError(f"{f}: the weights do not fit the model {CONFIG_FILE} describes: {e}") from e
+        raise BundleError(f"{quoted(f)}: the weights do not fit the model {CONFIG_FILE} describes: {e}") from e
     return model.to(device).eval()
 
 def _check_files(path: Path, manifest: dict, raw: bytes, kind: BundleKind) -> dict:
@@ -637,12 +642,12 @@ def _check_files(path: Path, manifest: dict, raw: bytes, kind: BundleKind) -> di
     try:
         files = manifest["files"]
         missing = [n for n in kind.files if n not in files]
-        if missing: raise BundleError(f"{mpath}: does not list {', '.join(missing)}")
+        if missing: raise BundleError(f"{quoted(mpath)}: does not list {', '.join(missing)}")
         for name, entry in files.items(): _check_file(path, name, entry)
     except (KeyError, TypeError) as e:
-        raise BundleError(f"{mpath}: malformed manifest ({type(e).__name__}: {e})") from e
+        raise BundleError(f"{quoted(mpath)}: malformed manifest ({type(e).__name__}: {e})") from e
     extra = sorted(p.name for p in path.iterdir() if p.name not in files and p.name != MANIFEST_FILE)
-    if extra: _log.warning("%s: files not listed in the manifest are ignored: %s", path, ", ".join(extra))
+    if extra: _log.warning("%s: files not listed in the manifest are ignored: %s", quoted(path), ", ".join(extra))
     return files
 
 def _read_tokenizer(path: Path, manifest: dict, header: dict, config: Config) -> Tokenizer:
@@ -650,16 +655,16 @@ def _read_tokenizer(path: Path, manifest: dict, header: dict, config: Config) ->
     try:
         tokenizer = Tokenizer.from_json((path/TOKENIZER_FILE).read_text(encoding="utf-8"), str(path/TOKENIZER_FILE))
     except (TokenizerError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path/TOKENIZER_FILE}: {e}") from e
+        raise BundleError(f"{quoted(path/TOKENIZER_FILE)}: {e}") from e
     tok_hash = manifest["tokenizer"]["hash"]
     if tokenizer.hash != tok_hash:
-        raise BundleError(f"{path/TOKENIZER_FILE}: tokenizer {tokenizer.hash[:12]} is not the {tok_hash[:12]} the manifest names")
+        raise BundleError(f"{quoted(path/TOKENIZER_FILE)}: tokenizer {tokenizer.hash[:12]} is not the {tok_hash[:12]} the manifest names")
     weights_hash = header.get(WEIGHTS_TOKENIZER_KEY)
     if weights_hash != tokenizer.hash:
-        raise BundleError(f"{path/TOKENIZER_FILE}: the weights were trained with tokenizer {str(weights_hash)[:12]}, "
+        raise BundleError(f"{quoted(path/TOKENIZER_FILE)}: the weights were trained with tokenizer {str(weights_hash)[:12]}, "
                           f"not this one ({tokenizer.hash[:12]})")
     if config.vocab_size != tokenizer.vocab_size:
-        raise BundleError(f"{path/CONFIG_FILE}: the model has {config.vocab_size} token ids but the tokenizer {tokenizer.vocab_size}")
+        raise BundleError(f"{quoted(path/CONFIG_FILE)}: the model has {config.vocab_size} token ids but the tokenizer {tokenizer.vocab_size}")
     return tokenizer
 
 def _read_bundle(path: Path, manifest: dict, raw: bytes, device: torch.device, kind: BundleKind) -> Bundle:
@@ -670,23 +675,23 @@ def _read_bundle(path: Path, manifest: dict, raw: bytes, device: torch.device, k
         cls_name, dtype = manifest["model"]["class"], manifest["model"]["dtype"]
         if kind.tokenizer: manifest["tokenizer"]["hash"]
     except (KeyError, TypeError) as e:
-        raise BundleError(f"{mpath}: malformed manifest ({type(e).__name__}: {e})") from e
+        raise BundleError(f"{quoted(mpath)}: malformed manifest ({type(e).__name__}: {e})") from e
     if cls_name != kind.model_cls.__name__:
-        raise BundleError(f"{mpath}: unknown model class {cls_name!r} for a {kind.name} bundle (this kelly knows {kind.model_cls.__name__})")
+        raise BundleError(f"{quoted(mpath)}: unknown model class {cls_name!r} for a {kind.name} bundle (this kelly knows {kind.model_cls.__name__})")
     try:
         config = kind.config_cls.from_dict(_read_json_file(path/CONFIG_FILE))
     except ConfigError as e:
-        raise BundleError(f"{path/CONFIG_FILE}: {e}") from e
+        raise BundleError(f"{quoted(path/CONFIG_FILE)}: {e}") from e
     header = _weights_header(path/WEIGHTS_FILE)
     tokenizer = _read_tokenizer(path, manifest, header, config) if kind.tokenizer else None
     model = _build_model(path, kind.model_cls, config, dtype, device)
     if WEIGHTS_CONFIG_KEY in header and header[WEIGHTS_CONFIG_KEY] != _config_json(config):   # (an edit that kept every shape)
-        raise BundleError(f"{path/CONFIG_FILE}: is not the config the weights were saved with (their header holds another)")
+        raise BundleError(f"{quoted(path/CONFIG_FILE)}: is not the config the weights were saved with (their header holds another)")
     digest = model_hash(model)
     if manifest["model"].get("hash", digest) != digest:
-        raise BundleError(f"{path/WEIGHTS_FILE}: the loaded model's hash {digest[:12]} is not the {manifest['model']['hash'][:12]} the manifest names")
+        raise BundleError(f"{quoted(path/WEIGHTS_FILE)}: the loaded model's hash {digest[:12]} is not the {manifest['model']['hash'][:12]} the manifest names")
     metadata = _read_json_file(path/METADATA_FILE)
-    _log.info("loaded bundle %s (%s: %s, %d parameters, model %s%s)", path, kind.name, cls_name, n_parameters(model), digest[:12],
+    _log.info("loaded bundle %s (%s: %s, %d parameters, model %s%s)", quoted(path), kind.name, cls_name, n_parameters(model), digest[:12],
               f", tokenizer {tokenizer.hash[:12]}" if tokenizer is not None else "")
     if STEP_ONNX_FILE in manifest["files"]: attach_step_onnx(model, (path/STEP_ONNX_FILE).read_bytes())   # checksummed above
     return Bundle(path, model, tokenizer, config, metadata, manifest, kind.name, digest)
@@ -729,12 +734,12 @@ def export_onnx(model: torch.nn.Module,  # a float32 `MusicTransformer` (wrapper
     path, model = Path(path), _unwrap(model)
     if type(model) is not MusicTransformer:
         hint = " (use export_codec_onnx for a codec)" if isinstance(model, Codec) else ""
-        raise ExportError(f"{path}: export_onnx exports a MusicTransformer, not a {type(model).__name__}{hint}")
+        raise ExportError(f"{quoted(path)}: export_onnx exports a MusicTransformer, not a {type(model).__name__}{hint}")
     dtype = next(model.parameters()).dtype
-    if dtype != torch.float32: raise ExportError(f"{path}: ONNX export needs a float32 model, got {dtype} (call model.float() first)")
+    if dtype != torch.float32: raise ExportError(f"{quoted(path)}: ONNX export needs a float32 model, got {dtype} (call model.float() first)")
     vocab = model.config.vocab_size
     if tokenizer is not None and tokenizer.vocab_size != vocab:
-        raise ExportError(f"{path}: the model has {vocab} token ids but the tokenizer {tokenizer.vocab_size}")
+        raise ExportError(f"{quoted(path)}: the model has {vocab} token ids but the tokenizer {tokenizer.vocab_size}")
     device, was_training = next(model.parameters()).device, model.training
     gen = torch.Generator().manual_seed(seed)
     model.eval()
@@ -753,9 +758,9 @@ def export_onnx(model: torch.nn.Module,  # a float32 `MusicTransformer` (wrapper
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {"ids": ids.numpy()})[0]
     diff = float(np.abs(got - expected).max())
-    if not diff <= atol: raise ExportError(f"{path}: onnxruntime's logits differ from PyTorch's by {diff:.3g} (allowed {atol:g}); file not written")
+    if not diff <= atol: raise ExportError(f"{quoted(path)}: onnxruntime's logits differ from PyTorch's by {diff:.3g} (allowed {atol:g}); file not written")
     with atomic_write(path, "wb") as f: f.write(data)
-    _log.info("exported %s to ONNX at %s (onnxruntime matches PyTorch within %.2g)", type(model).__name__, path, diff)
+    _log.info("exported %s to ONNX at %s (onnxruntime matches PyTorch within %.2g)", type(model).__name__, quoted(path), diff)
     return path
 
 # %% ../nbs/09_exporters.ipynb #bad9b208
@@ -802,11 +807,11 @@ def export_codec_onnx(codec: Codec,  # a float32 codec whose codebooks are initi
                       ) -> CodecOnnx:
     "Export a codec's encoder and decoder as two ONNX files with dynamic batch and length, checked with onnxruntime."
     folder, codec = Path(folder), _unwrap(codec)
-    if type(codec) is not Codec: raise ExportError(f"{folder}: export_codec_onnx exports a Codec, not a {type(codec).__name__}")
+    if type(codec) is not Codec: raise ExportError(f"{quoted(folder)}: export_codec_onnx exports a Codec, not a {type(codec).__name__}")
     dtype = next(codec.parameters()).dtype
-    if dtype != torch.float32: raise ExportError(f"{folder}: ONNX export needs a float32 codec, got {dtype} (call codec.float() first)")
+    if dtype != torch.float32: raise ExportError(f"{quoted(folder)}: ONNX export needs a float32 codec, got {dtype} (call codec.float() first)")
     why = _codec_problem(codec)
-    if why: raise ExportError(f"{folder}: cannot export this codec: {why}")
+    if why: raise ExportError(f"{quoted(folder)}: cannot export this codec: {why}")
     c, gen = codec.config, torch.Generator().manual_seed(seed)
     example = 0.1 * torch.randn(1, int(CODEC_ONNX_TRACE_SECONDS * c.sample_rate), generator=gen)
     if audio is None:
@@ -837,24 +842,24 @@ def export_codec_onnx(codec: Codec,  # a float32 codec whose codebooks are initi
     enc_data, dec_data = enc.SerializeToString(), dec.SerializeToString()
     got_codes = _ort_session(enc_data).run(["codes"], {"audio": audio.numpy()})[0]
     if got_codes.shape != codes.shape:
-        raise ExportError(f"{folder/CODEC_ENCODER_ONNX}: onnxruntime gave codes of shape {got_codes.shape}, PyTorch {codes.shape}; nothing written")
+        raise ExportError(f"{quoted(folder/CODEC_ENCODER_ONNX)}: onnxruntime gave codes of shape {got_codes.shape}, PyTorch {codes.shape}; nothing written")
     exact = float((got_codes == codes).all(axis=1).mean())
     with torch.inference_mode():
         want, got = (codec.quantizer.decode(torch.from_numpy(x).to(device)).float().cpu() for x in (codes, got_codes))
     tol = CODEC_ONNX_LATENT_RTOL * float(want.square().mean().sqrt())
     agreement = float(((got - want).abs().amax(1) <= tol).float().mean())
     if not agreement >= min_agreement:
-        raise ExportError(f"{folder/CODEC_ENCODER_ONNX}: onnxruntime's codes equal PyTorch's (or stand for the same vectors) in "
+        raise ExportError(f"{quoted(folder/CODEC_ENCODER_ONNX)}: onnxruntime's codes equal PyTorch's (or stand for the same vectors) in "
                           f"{agreement:.1%} of frames (at least {min_agreement:.0%} needed); nothing written")
     got_audio = _ort_session(dec_data).run(["audio"], {"codes": codes})[0]
     diff = float(np.abs(got_audio - decoded).max()) if got_audio.shape == decoded.shape else math.inf
     if not diff <= atol:
-        raise ExportError(f"{folder/CODEC_DECODER_ONNX}: onnxruntime's audio differs from PyTorch's by {diff:.3g} (allowed {atol:g}); nothing written")
+        raise ExportError(f"{quoted(folder/CODEC_DECODER_ONNX)}: onnxruntime's audio differs from PyTorch's by {diff:.3g} (allowed {atol:g}); nothing written")
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_write(folder/CODEC_ENCODER_ONNX, "wb") as f: f.write(enc_data)
     with atomic_write(folder/CODEC_DECODER_ONNX, "wb") as f: f.write(dec_data)
     _log.info("exported the codec to %s and %s (codes equal on %.1f%% of frames, equivalent on %.1f%%, audio within %.2g)",
-              folder/CODEC_ENCODER_ONNX, folder/CODEC_DECODER_ONNX, 100 * exact, 100 * agreement, diff)
+              quoted(folder/CODEC_ENCODER_ONNX), quoted(folder/CODEC_DECODER_ONNX), 100 * exact, 100 * agreement, diff)
     return CodecOnnx(folder/CODEC_ENCODER_ONNX, folder/CODEC_DECODER_ONNX, exact, agreement, diff)
 
 # %% ../nbs/09_exporters.ipynb #2f9f022e
@@ -901,7 +906,7 @@ class AudioCodes:
                 raise ExportError(f"{str(path)!r}: not a codes file ({'it is empty' if not magic else 'not an .npz archive'}; codes files are written by `kelly audio encode`)")
             with np.load(path, allow_pickle=False) as z:
                 missing = [k for k in CODES_KEYS if k not in z.files]
-                if missing: raise ExportError(f"{path}: not a kelly codes file (lacks {', '.join(missing)})")
+                if missing: raise ExportError(f"{quoted(path)}: not a kelly codes file (lacks {', '.join(missing)})")
                 v = {k: z[k] for k in CODES_KEYS}
         except ExportError: raise
         except OSError as e: raise ExportError(f"codes file {os_error_message(e)}") from e   # no permission, an I/O error
@@ -909,15 +914,15 @@ class AudioCodes:
             raise ExportError(f"{str(path)!r}: not a readable codes file ({type(e).__name__}: {e})") from e
         codes = v["codes"]
         if codes.ndim != 2 or codes.dtype.kind not in "iu" or not codes.size:
-            raise ExportError(f"{path}: codes must be a non-empty integer array [codebooks, frames], got {codes.dtype} {codes.shape}")
+            raise ExportError(f"{quoted(path)}: codes must be a non-empty integer array [codebooks, frames], got {codes.dtype} {codes.shape}")
         try:
             return cls(codes, int(v["sample_rate"]), int(v["length"]), str(v["model_hash"]), str(v["source"]),
                        int(v["source_sample_rate"]), int(v["source_length"]), path)
         except (TypeError, ValueError) as e:
-            raise ExportError(f"{path}: a malformed field ({e})") from e
+            raise ExportError(f"{quoted(path)}: a malformed field ({e})") from e
 
 def _codec_of(bundle: Bundle):
-    if bundle.kind != "codec": raise BundleError(f"{bundle.path}: holds a {bundle.kind} model, not a codec")
+    if bundle.kind != "codec": raise BundleError(f"{quoted(bundle.path)}: holds a {bundle.kind} model, not a codec")
     return bundle.model
 
 def encode_audio(bundle: Bundle,  # a loaded codec bundle (`load_bundle(..., kind="codec")`)
@@ -942,9 +947,9 @@ def decode_audio(bundle: Bundle,  # the codec bundle that made the codes
                  ) -> tuple[np.ndarray, int]:
     "Audio `[T]` and its rate from codes; codes from another codec are refused with `ExportError`."
     codec = _codec_of(bundle)
-    where = codes.path or "codes"
+    where = quoted(codes.path) if codes.path else "codes"
     if codes.model_hash != bundle.model_hash:
-        raise ExportError(f"{where}: made by the codec with model hash {codes.model_hash[:12]}, not by {bundle.path} "
+        raise ExportError(f"{where}: made by the codec with model hash {codes.model_hash[:12]}, not by {quoted(bundle.path)} "
                           f"({bundle.model_hash[:12]}); decode them with the codec bundle that encoded them")
     sr = codec.config.sample_rate
     if codes.sample_rate != sr: raise ExportError(f"{where}: codes at {codes.sample_rate} Hz, but the codec runs at {sr} Hz")
@@ -993,6 +998,6 @@ def load_prior(path: str | os.PathLike,  # a prior bundle folder
     codec_bundle = codec if isinstance(codec, Bundle) else load_bundle(Path(codec) if codec is not None else _prior_codec_path(Path(path)), device=device, kind="codec")
     want = prior.config.codec_hash
     if codec_bundle.model_hash != want:
-        raise BundleError(f"{codec_bundle.path}: holds the codec {codec_bundle.model_hash[:12]}, but the prior {prior.path} was trained on the "
+        raise BundleError(f"{quoted(codec_bundle.path)}: holds the codec {codec_bundle.model_hash[:12]}, but the prior {quoted(prior.path)} was trained on the "
                           f"codes of codec {want[:12]}; use the codec bundle saved with the prior (its run's '{PRIOR_CODEC_DIR}' folder)")
     return PriorWithCodec(prior, codec_bundle)

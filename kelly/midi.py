@@ -22,7 +22,7 @@ import miditoolkit
 import numpy as np
 import symusic
 
-from .core import KellyError, atomic_write, not_a_file
+from .core import KellyError, atomic_write, not_a_file, quoted
 
 try:
     import numba
@@ -336,7 +336,7 @@ class MidiScan:
         "How many note-ons have no note-off."
         return sum(c for *_, c in self.open_notes)
 
-def _fail(name: str, reason: str): raise MidiError(f"{name}: {reason}")
+def _fail(name: str, reason: str): raise MidiError(f"{quoted(name)}: {reason}")
 
 def scan_midi(data: bytes,  # the file's content
               name: str = "<bytes>",  # how errors name the file
@@ -414,12 +414,12 @@ def parse_midi(data: bytes,  # the content of a MIDI file
     "Check and parse MIDI bytes into `Music`; anything unreadable raises `MidiError` naming `name`."
     scan = scan_midi(data, name)
     if scan.open_notes:
-        _log.info("%s: %d note-on(s) without note-off held until the end of the piece (tick %d)", name, scan.n_open_notes, scan.end_tick)
+        _log.info("%s: %d note-on(s) without note-off held until the end of the piece (tick %d)", quoted(name), scan.n_open_notes, scan.end_tick)
         data = _close_open_notes(data, scan)
     try:
         score = symusic.Score.from_midi(data)
     except Exception as e:  # symusic raises RuntimeError with its own wording
-        raise MidiError(f"{name}: {e}") from e
+        raise MidiError(f"{quoted(name)}: {e}") from e
     return _music_from_score(score)
 
 def load_midi(path: str | os.PathLike,  # a .mid/.midi file
@@ -488,7 +488,7 @@ def save_midi(music: Music,  # what to write
     "Write `music` as a type-1 MIDI file through miditoolkit, atomically; unwritable content raises `MidiError`."
     path = Path(path)
     problems = _writable_problems(music)
-    if problems: raise MidiError(f"{path}: cannot write: {'; '.join(problems)} (run kelly.midi.repair first)")
+    if problems: raise MidiError(f"{quoted(path)}: cannot write: {'; '.join(problems)} (run kelly.midi.repair first)")
     mf = to_miditoolkit(music)
     with atomic_write(path, "wb") as f: mf.dump(file=f)
     return path

@@ -35,7 +35,7 @@ from fastai.optimizer import Adam
 from fastai.torch_core import get_model
 from fastcore.basics import noop
 
-from .core import Config, ConfigError, KellyError, kelly_path, pick_device, seed_everything, sha256_file, write_json
+from .core import Config, ConfigError, KellyError, kelly_path, pick_device, seed_everything, sha256_file, umask_mode, write_json, quoted
 from .audio import plot_spectrogram, save_audio
 from .datasets import CounterRNG, DatasetError, WindowLoader, split_by_piece
 from .audio_datasets import AudioCache, bach_chorales_audio
@@ -134,9 +134,9 @@ class CodeCache:
             try:
                 cache = cls(folder)
                 if (cache.corpus_key, cache.codec_hash) == (audio.corpus_key, codec_hash): return cache
-                _log.info("code cache %s is for other audio or another codec: rebuilding", folder)
+                _log.info("code cache %s is for other audio or another codec: rebuilding", quoted(folder))
             except CodeCacheFormatError as e: _log.info("%s: rebuilding", e)
-            except DatasetError as e: _log.warning("code cache %s is damaged (%s): rebuilding", folder, e)
+            except DatasetError as e: _log.warning("code cache %s is damaged (%s): rebuilding", quoted(folder), e)
         _build_code_cache(folder, audio, codec, codec_hash, progress)
         return cls(folder)
 
@@ -212,7 +212,7 @@ def _build_code_cache(folder: Path, audio: AudioCache, codec: Codec, codec_hash:
     for p in folder.glob("codes-*.bin"):
         if p.name != name: p.unlink(missing_ok=True)
     _log.info("encoded %d files (%d frames, %.2f h) with codec %s into %s in %.1f s", len(audio), offsets[-1],
-              offsets[-1] / codec.config.frame_rate / 3600, codec_hash[:12], folder, time.perf_counter() - start)
+              offsets[-1] / codec.config.frame_rate / 3600, codec_hash[:12], quoted(folder), time.perf_counter() - start)
 
 # %% ../nbs/12b_prior_trainer.ipynb #b1ce4749
 class CodeWindows:
@@ -487,7 +487,7 @@ def train_prior(config: PriorTrainConfig | None = None,  # the run's settings (d
 
 def _audio_folder(config: PriorTrainConfig, progress: bool) -> Path:
     if config.corpus is None: return bach_chorales_audio(config.corpus_limit, progress=progress)
-    if not Path(config.corpus).is_dir(): raise TrainerError(f"config key 'corpus': {config.corpus} is not a folder of audio files")
+    if not Path(config.corpus).is_dir(): raise TrainerError(f"config key 'corpus': {quoted(config.corpus)} is not a folder of audio files")
     return Path(config.corpus)
 
 def _code_cache(config: PriorTrainConfig, codec_bundle: Bundle, main: bool, world_size: int, progress: bool) -> CodeCache:
@@ -524,7 +524,7 @@ def _train_prior(config, rank, world_size, device, resume, cbs, progress, wait=F
         try:
             _log.info("training a %s-pattern code prior (%.2fM parameters) on %s (%d files, %.2f h of codes from codec %s), %d process(es), run folder %s",
                       model_config.pattern, prior.n_params() / 1e6, device, len(cache), cache.n_frames / cache.frame_rate / 3600,
-                      codec_bundle.model_hash[:12], world_size, run_dir)
+                      codec_bundle.model_hash[:12], world_size, quoted(run_dir))
             start = time.perf_counter()
             fit_lm(learn, config.optim)
             metrics = run_metrics(learn, time.perf_counter() - start)
@@ -558,6 +558,8 @@ def _copy_codec(codec_bundle: Bundle, dest: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         shutil.copytree(codec_bundle.path, tmp, dirs_exist_ok=True)
+        os.chmod(tmp, umask_mode(folder=True))   # mkdtemp makes 0700 and copytree keeps the source's modes: follow the umask
+        for f in tmp.iterdir(): os.chmod(f, umask_mode())
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")
             shutil.rmtree(old, ignore_errors=True); os.replace(dest, old); os.replace(tmp, dest); shutil.rmtree(old, ignore_errors=True)

@@ -28,7 +28,7 @@ from fastai.torch_core import distrib_barrier, get_model
 from torch import nn
 
 import kelly
-from .core import Config, ConfigError, capture_rng_state, restore_rng_state, flatten_dict
+from .core import Config, ConfigError, capture_rng_state, restore_rng_state, flatten_dict, quoted
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CallbackError, CheckpointError, _TEMP_RE, non_finite_tensors,
                                _has_state_protocol, _sort_key, capture_data_state, checkpoint_name, list_checkpoints,
                                load_checkpoint, newest_valid_checkpoint, optimizer_state, restore_data_state,
@@ -153,7 +153,7 @@ class Checkpoint(KellyCallback):
         if self.resume and not self._resume_done: self._resume()
         elif is_main_process() and list_checkpoints(self.directory):
             _log.warning("%s already holds %d checkpoint(s) of another fit; a fresh fit may replace files of the same steps (resume=True continues instead)",
-                         self.directory, len(list_checkpoints(self.directory)))
+                         quoted(self.directory), len(list_checkpoints(self.directory)))
         self._resume_done = True
         distrib_barrier()   # no rank starts (and rank 0 saves nothing) until every rank has read its checkpoint
 
@@ -229,7 +229,7 @@ class Checkpoint(KellyCallback):
         elif state is not None:
             path = save_checkpoint(state, self.directory/checkpoint_name(self.learn.train_iter, epoch_end))
             self.saved.append(path)
-            _log.info("saved checkpoint %s (epoch %d, batch %d, step %d)", path, state["position"]["epoch"], state["position"]["batch"], self.learn.train_iter)
+            _log.info("saved checkpoint %s (epoch %d, batch %d, step %d)", quoted(path), state["position"]["epoch"], state["position"]["batch"], self.learn.train_iter)
             self._prune(path)
         distrib_barrier()   # the file is complete before any rank could read it (a rollback does)
         return not bad
@@ -255,8 +255,8 @@ class Checkpoint(KellyCallback):
             if is_main_process():
                 for p, why in rp.skipped: _log.warning("resume: skipping checkpoint %s: %s", p.name, why)
             if rp.path is None:
-                if rp.skipped: raise CheckpointError(f"resume: none of the {len(rp.skipped)} checkpoints in {self.directory} is valid: " + "; ".join(why for _, why in rp.skipped))
-                _log.info("resume: no checkpoint in %s; starting from scratch", self.directory)
+                if rp.skipped: raise CheckpointError(f"resume: none of the {len(rp.skipped)} checkpoints in {quoted(self.directory)} is valid: " + "; ".join(why for _, why in rp.skipped))
+                _log.info("resume: no checkpoint in %s; starting from scratch", quoted(self.directory))
                 return
             path, state = rp.path, rp.state
         else: path = Path(self.resume); state = load_checkpoint(path)
@@ -278,7 +278,7 @@ class Checkpoint(KellyCallback):
         _restore_smooth_loss(self.learn, self._resume_at["rank"].get("smooth_loss"), path)
         self.learn.train_iter = pos["train_iter"]
         self.resumed_from, self._fresh = path, False
-        _log.info("resuming from %s (epoch %d, batch %d, step %d)", path, pos["epoch"], pos["batch"], pos["train_iter"])
+        _log.info("resuming from %s (epoch %d, batch %d, step %d)", quoted(path), pos["epoch"], pos["batch"], pos["train_iter"])
 
     def _continue_epoch(self):
         "In the first epoch after a resume: restore the data state, replay the done batches, then the RNG states."
@@ -295,7 +295,7 @@ class Checkpoint(KellyCallback):
     def _check_tokenizer(self, state: dict, path: Path):
         saved, current = state.get("tokenizer"), self.tokenizer
         if saved is not None and current is not None and str(current.hash) != saved["hash"]:
-            raise CheckpointError(f"{path} was trained with tokenizer {saved['hash'][:16]}..., this run has tokenizer {str(current.hash)[:16]}...: "
+            raise CheckpointError(f"{quoted(path)} was trained with tokenizer {saved['hash'][:16]}..., this run has tokenizer {str(current.hash)[:16]}...: "
                                   "refusing to resume (the same token ids would mean different tokens)")
         if saved is not None and current is None: _log.warning("resume: %s carries tokenizer %s..., this run has none to check it against", path.name, saved["hash"][:16])
         if saved is None and current is not None: _log.warning("resume: %s carries no tokenizer; this run's tokenizer cannot be checked against it", path.name)
@@ -383,7 +383,7 @@ class Rollback(KellyCallback):
                                         f"(max_rollbacks={self.max_rollbacks}): stopping. Rollbacks so far: {self.events}")
         rp = newest_valid_checkpoint(self.learn.checkpoint.directory)
         for p, why in rp.skipped: _log.warning("rollback: skipping checkpoint %s: %s", p.name, why)
-        if rp.path is None: raise TrainingDivergedError(f"step {step}: {reason}; no valid checkpoint in {self.learn.checkpoint.directory} to roll back to")
+        if rp.path is None: raise TrainingDivergedError(f"step {step}: {reason}; no valid checkpoint in {quoted(self.learn.checkpoint.directory)} to roll back to")
         restore_model_optimizer(self.learn, rp.state, str(rp.path))
         self.learn.opt.zero_grad()
         ga = getattr(self.learn, "gradient_accumulation", None)

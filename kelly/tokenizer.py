@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 from fastcore.basics import patch
 
-from .core import Config, ConfigError, KellyError, atomic_write, choose_threads, walk_files
+from .core import Config, ConfigError, KellyError, atomic_write, choose_threads, walk_files, quoted
 from .midi import (DEFAULT_QPM, DEFAULT_TIME_SIGNATURE, DRUM_PROGRAM, MIDI_MAX, NOTE_DTYPE, TEMPO_DTYPE,
                         TIME_SIGNATURE_DTYPE, MidiError, Music, Track, bar_length, bars, grid_offsets, load_midi,
                         nearest_values, snap_onsets, snap_time_signatures)
@@ -829,17 +829,17 @@ class Tokenizer(Tokenizer):
         try:
             d = json.loads(text)
         except (json.JSONDecodeError, TypeError) as e:
-            raise TokenizerError(f"{source}: not tokenizer JSON: {e}") from e
-        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME: raise TokenizerError(f"{source}: not a kelly tokenizer file (format {d.get('format') if isinstance(d, dict) else None!r})")
+            raise TokenizerError(f"{quoted(source)}: not tokenizer JSON: {e}") from e
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME: raise TokenizerError(f"{quoted(source)}: not a kelly tokenizer file (format {d.get('format') if isinstance(d, dict) else None!r})")
         version = d.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise TokenizerError(f"{source}: tokenizer format version {version!r} is newer than this kelly reads ({FORMAT_VERSION}); upgrade kelly")
+            raise TokenizerError(f"{quoted(source)}: tokenizer format version {version!r} is newer than this kelly reads ({FORMAT_VERSION}); upgrade kelly")
         try:
             tok = cls(TokenizerConfig.from_dict(d.get("config")))
         except ConfigError as e:
-            raise TokenizerError(f"{source}: {e}") from e
-        if d.get("vocab") != tok.vocab: raise TokenizerError(f"{source}: the vocabulary does not match its config (edited file, or written by an incompatible kelly)")
-        if d.get("hash") != tok.hash: raise TokenizerError(f"{source}: hash mismatch ({str(d.get('hash'))[:12]} written, {tok.hash[:12]} rebuilt)")
+            raise TokenizerError(f"{quoted(source)}: {e}") from e
+        if d.get("vocab") != tok.vocab: raise TokenizerError(f"{quoted(source)}: the vocabulary does not match its config (edited file, or written by an incompatible kelly)")
+        if d.get("hash") != tok.hash: raise TokenizerError(f"{quoted(source)}: hash mismatch ({str(d.get('hash'))[:12]} written, {tok.hash[:12]} rebuilt)")
         return tok
 
     def save(self,
@@ -859,7 +859,7 @@ class Tokenizer(Tokenizer):
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"{path}: cannot read tokenizer: {e}") from e
+            raise TokenizerError(f"{quoted(path)}: cannot read tokenizer: {e}") from e
         return cls.from_json(text, str(path))
 
 # %% ../nbs/02_tokenizer.ipynb #3dc31888
@@ -937,7 +937,7 @@ def _init_worker(tokenizer_json: str):
 
 def _error_text(path, e: Exception) -> str:
     if isinstance(e, KellyError): return str(e) if str(path) in str(e) else f"{path}: {e}"
-    _log.warning("%s: unexpected %s: %s", path, type(e).__name__, e)
+    _log.warning("%s: unexpected %s: %s", quoted(path), type(e).__name__, e)
     return f"{path}: unexpected {type(e).__name__}: {e}"
 
 def _encode_job(job: tuple[str, bool]):
@@ -983,7 +983,7 @@ def midi_files(folder: str | os.PathLike,  # where to look (recursively)
     folder = Path(folder)
     if not folder.is_dir(): raise TokenizerError(f"{str(folder)!r}: not a folder")
     walk = walk_files(folder, suffixes)
-    for name, why in walk.skipped: _log.warning("%s: skipped: %s", folder/name, why)
+    for name, why in walk.skipped: _log.warning("%s: skipped: %s", quoted(folder/name), why)
     return [folder/name for name, _ in walk.files]
 
 # %% ../nbs/02_tokenizer.ipynb #8f508476

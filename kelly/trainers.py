@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['METRIC_SUMS', 'RUNS_DIR', 'MONITORABLE', 'RUN_NAME_FORMAT', 'CHECKPOINT_DIR', 'CONFIG_FILE', 'TOKENIZER_FILE',
-           'HISTORY_FILE', 'METRICS_FILE', 'LOG_FILE', 'BUNDLE_DIR', 'MAX_RUNS_PER_SECOND', 'RUN_LOCK_FILE',
+           'HISTORY_FILE', 'METRICS_FILE', 'LOG_FILE', 'BUNDLE_DIR', 'RUN_LOCK_FILE', 'MAX_RUNS_PER_SECOND',
            'TrainerError', 'OptimConfig', 'AccumulateGradients', 'ProgressThroughput', 'DistributedMetrics',
-           'HistoryCSV', 'lm_learner', 'fit_lm', 'TrainConfig', 'runs_folder', 'latest_run', 'run_folder',
-           'claim_run_folder', 'RunLock', 'TrainResult', 'run_metrics', 'train', 'bundled_weights']
+           'HistoryCSV', 'lm_learner', 'fit_lm', 'TrainConfig', 'runs_folder', 'latest_run', 'run_folder', 'ClaimedRun',
+           'claim_run_folder', 'remove_unused_run', 'RunLock', 'TrainResult', 'run_metrics', 'train', 'bundled_weights']
 
 # %% ../nbs/12_trainers.ipynb #e3144efd
 import csv
@@ -40,7 +40,7 @@ from fastcore.basics import noop
 from torch import nn
 
 from .core import (LOG_FORMAT, Config, ConfigError, KellyError, ThreadChoice, atomic_write, check_output_folder, choose_threads, ensure_folder,
-                        kelly_path, pick_device, seed_everything, write_json)
+                        kelly_path, pick_device, seed_everything, write_json, quoted)
 from .tokenizer import Tokenizer, TokenizerConfig
 from .datasets import LMDataConfig, bach_chorales, lm_dataloaders
 from .models import MusicTransformer, TransformerConfig
@@ -169,7 +169,7 @@ class HistoryCSV(CSVLogger):
         if rows and rows[0] == self._header: return rows[1:]
         backup = path.with_name(path.name + ".old")
         os.replace(path, backup)
-        _log.warning("%s has other columns than this run logs; moved it to %s and started a new log", path, backup)
+        _log.warning("%s has other columns than this run logs; moved it to %s and started a new log", quoted(path), quoted(backup))
         return []
 
     def _write_line(self, log):
@@ -268,10 +268,11 @@ RUN_NAME_FORMAT = "run-%Y%m%d-%H%M%S"
 CHECKPOINT_DIR, CONFIG_FILE, TOKENIZER_FILE = "checkpoints", "config.yaml", "tokenizer.json"
 HISTORY_FILE, METRICS_FILE, LOG_FILE = "history.csv", "metrics.json", "train.log"
 BUNDLE_DIR = "bundle"  # the trained model's bundle, inside the run folder
+RUN_LOCK_FILE = ".lock"  # inside a run folder: locked by the process writing the run
 
 def runs_folder(config: TrainConfig) -> Path:
     "The folder that holds run folders: `config.runs_dir`, else `$KELLY_HOME/runs`."
-    return Path(config.runs_dir) if config.runs_dir is not None else kelly_path(RUNS_DIR)
+    return Path(config.runs_dir) if config.runs_dir is not None else kelly_path(RUNS_DIR, create=False)
 
 def latest_run(runs_dir: str | os.PathLike,  # a folder of run folders
                ) -> Path | None:
@@ -290,7 +291,7 @@ def run_folder(config: TrainConfig,  # `name` and `runs_dir` are read
     if config.name: return root/config.name
     if resume is True:
         latest = latest_run(root)
-        if latest is None: raise TrainerError(f"resume: no run under {root} has a checkpoint; name the run to resume (name=...)")
+        if latest is None: raise TrainerError(f"resume: no run under {quoted(root)} has a checkpoint; name the run to resume (name=...)")
         return latest
     if resume:
         ckpt = Path(resume)
@@ -304,20 +305,47 @@ def _new_run_names(root: Path, stamp: str):
     yield root/stamp
     for i in range(1, MAX_RUNS_PER_SECOND): yield root/f"{stamp}-{i}"
 
+class ClaimedRun(NamedTuple):
+    "What `claim_run_folder` returns."
+    path: Path  # the run folder
+    made: tuple[Path, ...]  # the folders this claim created, innermost first (empty: the run folder was there already)
+
+def _made_folders(path: Path, what: str) -> tuple[Path, ...]:
+    "Create the folder `path` (and missing parents); the folders this call made, innermost first. The last step is one `mkdir`: of two processes only one makes `path`."
+    missing = []
+    for parent in path.parents:
+        if parent.exists(): break
+        missing.append(parent)
+    if missing: ensure_folder(path.parent, what)
+    try: path.mkdir(); return (path, *missing)
+    except OSError: ensure_folder(path, what)   # there already (or a file in the way, no permission: one line naming it)
+    return tuple(missing)
+
 def claim_run_folder(config: TrainConfig,  # `name` and `runs_dir` are read
                      resume: bool | str | os.PathLike = False,  # as for `run_folder`
-                     ) -> tuple[Path, bool]:
-    "`run_folder`'s choice, created; a new run's folder is claimed atomically (`mkdir` fails for the second of two processes). Returns it and whether it is new."
-    root = ensure_folder(check_output_folder(runs_folder(config), "runs folder"), "runs folder")   # a full or read-only disk: refused now
-    if config.name or resume: return ensure_folder(run_folder(config, resume), "run folder"), False
+                     ) -> ClaimedRun:
+    "`run_folder`'s choice, created; a new run's folder is claimed atomically (`mkdir` fails for the second of two processes). Says which folders it made."
+    root = check_output_folder(runs_folder(config), "runs folder")   # a full or read-only disk: refused now
+    made_root = _made_folders(root, "runs folder")
+    if config.name or resume:
+        path = run_folder(config, resume)
+        return ClaimedRun(path, _made_folders(path, "run folder") + made_root)
     stamp = datetime.now().strftime(RUN_NAME_FORMAT)
     for path in _new_run_names(root, stamp):
-        try: path.mkdir(); return path, True
+        try: path.mkdir(); return ClaimedRun(path, (path, *made_root))
         except FileExistsError: continue
-    raise TrainerError(f"{root}: {MAX_RUNS_PER_SECOND} runs already started at {stamp}; name this one (--name)")
+    raise TrainerError(f"{quoted(root)}: {MAX_RUNS_PER_SECOND} runs already started at {stamp}; name this one (--name)")
+
+def remove_unused_run(claim: ClaimedRun):
+    "Undo a claim whose run wrote nothing (only its lock file): remove the folders the claim made, if they hold nothing else."
+    if not claim.made or claim.made[0] != claim.path: return   # the run folder was there before: keep it
+    if sorted(p.name for p in claim.path.iterdir()) not in ([], [RUN_LOCK_FILE]): return
+    shutil.rmtree(claim.path, ignore_errors=True)
+    for folder in claim.made[1:]:
+        try: folder.rmdir()   # only when empty: another run may have started in it meanwhile
+        except OSError: break
 
 # %% ../nbs/12_trainers.ipynb #cf0a88d5
-RUN_LOCK_FILE = ".lock"  # inside a run folder: locked by the process writing the run
 _fcntl = importlib.import_module("fcntl") if os.name == "posix" else None
 
 class RunLock:
@@ -329,21 +357,28 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         "Take the lock (or raise `TrainerError` naming the holder); returns self."
-        ensure_folder(self.run_dir, "run folder")
-        f = open(self.run_dir/RUN_LOCK_FILE, "a+", encoding="utf-8")
-        if _fcntl is not None:
-            try: _fcntl.flock(f, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0); holder = f.read().strip() or "another process"
-                if not self.wait:
-                    f.close()
-                    raise TrainerError(f"run folder {str(self.run_dir)!r} is in use by {holder}: wait for that run to finish, "
-                                       "pass --wait to start when it has, or choose another --name") from None
-                _log.info("run folder %s is in use by %s: waiting for it", self.run_dir, holder)
-                _fcntl.flock(f, _fcntl.LOCK_EX)
+        while True:
+            ensure_folder(self.run_dir, "run folder")
+            f = open(self.run_dir/RUN_LOCK_FILE, "a+", encoding="utf-8")
+            if _fcntl is None or self._locked(f): break
+            f.close()   # the holder removed the folder while we waited (its run wrote nothing): lock the new one
         f.seek(0); f.truncate(); f.write(f"process {os.getpid()} (since {datetime.now():%Y-%m-%d %H:%M:%S})\n"); f.flush()
         self._file = f
         return self
+
+    def _locked(self, f) -> bool:
+        "Lock the open lock file `f`; False when the file we locked is no longer the folder's lock file."
+        try: _fcntl.flock(f, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0); holder = f.read().strip() or "another process"
+            if not self.wait:
+                f.close()
+                raise TrainerError(f"run folder {quoted(self.run_dir)} is in use by {holder}: wait for that run to finish, "
+                                   "pass --wait to start when it has, or choose another --name") from None
+            _log.info("run folder %s is in use by %s: waiting for it", quoted(self.run_dir), holder)
+            _fcntl.flock(f, _fcntl.LOCK_EX)
+        try: return os.path.samestat(os.fstat(f.fileno()), os.stat(self.run_dir/RUN_LOCK_FILE))
+        except FileNotFoundError: return False
 
     def release(self):
         "Give the lock up (closing the file releases it)."
@@ -400,7 +435,7 @@ def run_metrics(learn: Learner,  # after a fit
 
 def _corpus(config: TrainConfig, progress: bool) -> Path:
     if config.corpus is None: return bach_chorales(config.corpus_limit, progress=progress)
-    if not Path(config.corpus).is_dir(): raise TrainerError(f"config key 'corpus': {config.corpus} is not a folder of MIDI files")
+    if not Path(config.corpus).is_dir(): raise TrainerError(f"config key 'corpus': {quoted(config.corpus)} is not a folder of MIDI files")
     return Path(config.corpus)
 
 
@@ -427,15 +462,15 @@ def _claimed_run(config, resume, rank: int, world_size: int, wait: bool):
     if rank != 0:
         yield _agree_on_folder(Path(), world_size)
         return
-    run_dir, new = claim_run_folder(config, resume)
-    try: lock = RunLock(run_dir, wait=wait).acquire()
+    claim = claim_run_folder(config, resume)
+    try: lock = RunLock(claim.path, wait=wait).acquire()
     except BaseException:
-        if new: shutil.rmtree(run_dir, ignore_errors=True)
+        remove_unused_run(claim)
         raise
     try:
-        yield _agree_on_folder(run_dir, world_size)
+        yield _agree_on_folder(claim.path, world_size)
     except BaseException:
-        if new and [p.name for p in run_dir.iterdir()] == [RUN_LOCK_FILE]: shutil.rmtree(run_dir, ignore_errors=True)   # nothing of it to keep
+        remove_unused_run(claim)   # a run that failed before writing anything leaves no folder behind
         raise
     finally: lock.release()
 
@@ -498,7 +533,7 @@ def bundled_weights(learn: Learner,  # after a fit, with kelly's `Checkpoint` (o
         why = "no Checkpoint callback" if ck is None else ("no monitor" if ck.monitor is None else "no epoch was judged")
         return last, {"weights": "last", "step": int(learn.train_iter), "reason": why}
     try: state = load_checkpoint(ck.best_path)
-    except KellyError as e: raise TrainerError(f"the best checkpoint {ck.best_path} cannot be bundled: {e}; the run's other checkpoints are in {ck.directory}") from e
+    except KellyError as e: raise TrainerError(f"the best checkpoint {quoted(ck.best_path)} cannot be bundled: {e}; the run's other checkpoints are in {ck.directory}") from e
     model = MusicTransformer(last.config).to(next(last.parameters()).device)
     model.load_state_dict(state["model"])
     return model.eval(), {"weights": "best", "monitor": ck.monitor, "checkpoint": ck.best_path.name, **{k: ck.best.get(k) for k in ("value", "step", "epoch")}}

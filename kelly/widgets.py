@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from .audio import AudioError, load_audio, plot_spectrogram, render_midi, save_audio
 from .callbacks import KellyCallback
-from .core import KellyError, atomic_write, kelly_path
+from .core import KellyError, atomic_write, kelly_path, quoted
 from .evaluation import QUALITY_PLOT, QUALITY_REPORT, evaluate_bundle, format_summary
 from .exporters import (MANIFEST_FILE, METADATA_FILE, AudioCodes, Bundle, BundleError, ExportError, bundle_kind,
                              decode_audio, encode_audio, export_pieces, load_bundle, piano_roll_figure, load_prior)
@@ -128,7 +128,7 @@ def bundle_entry(path: str | os.PathLike,  # a bundle folder (usually `<run>/bun
 def list_bundles(runs_dir: str | os.PathLike | None = None,  # a folder of run folders (default: `KELLY_HOME/runs`)
                  ) -> list[BundleEntry]:
     "Every bundle under `runs_dir` (`<run>/bundle`, or a run folder that is itself a bundle), newest run first."
-    runs_dir = Path(runs_dir) if runs_dir is not None else kelly_path(RUNS_DIR)
+    runs_dir = Path(runs_dir) if runs_dir is not None else kelly_path(RUNS_DIR, create=False)
     if not runs_dir.is_dir(): return []
     out = []
     for run in runs_dir.iterdir():
@@ -198,7 +198,7 @@ def generate_pieces(bundle: Bundle,  # a loaded language-model bundle
                     on_step: Callable[[int, int], None] | None = None,  # called with (steps done, steps at most) after each step
                     ) -> GenerationRun:
     "Sample `n` pieces step by step with progress and cancellation; the sequences generated so far come back either way."
-    if bundle.kind != "lm": raise WidgetError(f"{bundle.path}: holds a {bundle.kind} model; generating pieces needs a language model (lm)")
+    if bundle.kind != "lm": raise WidgetError(f"{quoted(bundle.path)}: holds a {bundle.kind} model; generating pieces needs a language model (lm)")
     tok = bundle.tokenizer
     ids = torch.as_tensor(midi_prompt(tok, prompt))[None].expand(n, -1) if prompt is not None else torch.full((n, 1), int(tok.bos_id))
     steps, cancelled = [], False
@@ -254,7 +254,7 @@ class GenerateApp:
                  audio: bool = True,  # render pieces to audio
                  work_dir: str | os.PathLike | None = None,  # where pieces are written before saving (default: a temporary folder)
                  ):
-        if bundle.kind != "lm": raise WidgetError(f"{bundle.path}: the generate app needs a language model (lm), got {bundle.kind}")
+        if bundle.kind != "lm": raise WidgetError(f"{quoted(bundle.path)}: the generate app needs a language model (lm), got {bundle.kind}")
         self.bundle, self.background, self.audio = bundle, background, audio
         self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="kelly-generate-"))
         d = SamplingConfig()
@@ -448,7 +448,7 @@ class AudioCodesApp:
                  *,
                  work_dir: str | os.PathLike | None = None,  # where uploads go (default: a temporary folder)
                  ):
-        if bundle.kind != "codec": raise WidgetError(f"{bundle.path}: the audio codes app needs a codec bundle, got {bundle.kind}")
+        if bundle.kind != "codec": raise WidgetError(f"{quoted(bundle.path)}: the audio codes app needs a codec bundle, got {bundle.kind}")
         self.bundle = bundle
         self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="kelly-codes-"))
         q = bundle.model.config.quantizer.n_codebooks
@@ -573,7 +573,7 @@ class ModelLibrary:
     "The bundles under a runs folder: what each is, Load, and the app that fits the loaded kind."
     def __init__(self, runs_dir: str | os.PathLike | None = None,  # a folder of run folders (default: `KELLY_HOME/runs`)
                  ):
-        self.runs_dir = Path(runs_dir) if runs_dir is not None else kelly_path(RUNS_DIR)
+        self.runs_dir = Path(runs_dir) if runs_dir is not None else kelly_path(RUNS_DIR, create=False)
         self.select = W.Select(description="bundles", rows=8, layout=W.Layout(width="70%"))
         self.refresh_button = W.Button(description="Refresh", icon="refresh")
         self.load_button = W.Button(description="Load", button_style="primary")
@@ -662,7 +662,7 @@ def read_history(run_dir: str | os.PathLike,  # a run folder
                  ) -> dict[str, list[float]]:
     "The run's `history.csv` as columns of floats (the `time` column left out); `WidgetError` when missing."
     path = Path(run_dir)/HISTORY_FILE
-    if not path.is_file(): raise WidgetError(f"{path}: no training history (is {Path(run_dir).name} a run folder?)")
+    if not path.is_file(): raise WidgetError(f"{quoted(path)}: no training history (is {Path(run_dir).name} a run folder?)")
     with open(path, newline="") as f: rows = list(csv.DictReader(f))
     cols = [c for c in (rows[0].keys() if rows else []) if c != "time"]
     def num(v):
@@ -689,7 +689,7 @@ def codebook_health_figure(run_dir: str | os.PathLike,  # a codec run folder
     "A codec run's codebook health: final perplexity and usage per codebook (metrics.json) and perplexity per epoch (history)."
     run_dir = Path(run_dir)
     health = _read_json(run_dir/METRICS_FILE).get("codebook_health")
-    if not health: raise WidgetError(f"{run_dir/METRICS_FILE}: no codebook health report (is {run_dir.name} a codec run?)")
+    if not health: raise WidgetError(f"{quoted(run_dir/METRICS_FILE)}: no codebook health report (is {run_dir.name} a codec run?)")
     q = sorted({int(k[1:].split("_")[0]) for k in health if k.startswith("q") and "_" in k})
     hist = read_history(run_dir)
     fig, axes = _figure(1, 3)
@@ -711,7 +711,7 @@ def evaluation_report(run_dir: str | os.PathLike,  # a language-model run folder
     if n is not None:
         b = load_bundle(run_dir/BUNDLE_DIR, kind="lm")
         evaluate_bundle(b, n=n, sampling=sampling, report=report, plot=png)
-    if not report.is_file(): raise WidgetError(f"{report}: no evaluation yet (run `kelly evaluate --model {run_dir}`, or evaluate here)")
+    if not report.is_file(): raise WidgetError(f"{quoted(report)}: no evaluation yet (run `kelly evaluate --model {run_dir}`, or evaluate here)")
     return json.loads(report.read_text()), png
 
 # %% ../nbs/13_widgets.ipynb #2aa45dd7
@@ -721,7 +721,7 @@ class DiagnosticsApp:
     "Curves, codebook health and evaluation of a chosen run, and two runs' histories compared."
     def __init__(self, runs_dir: str | os.PathLike | None = None,  # a folder of run folders (default: `KELLY_HOME/runs`)
                  ):
-        self.runs_dir = Path(runs_dir) if runs_dir is not None else kelly_path(RUNS_DIR)
+        self.runs_dir = Path(runs_dir) if runs_dir is not None else kelly_path(RUNS_DIR, create=False)
         runs = sorted(p.name for p in self.runs_dir.iterdir() if (p/HISTORY_FILE).is_file()) if self.runs_dir.is_dir() else []
         self.run = W.Dropdown(options=runs, description="run")
         self.other = W.Dropdown(options=["(none)", *runs], value="(none)", description="compare with")
@@ -770,7 +770,7 @@ def inpaint_with_prior(bundle: Bundle,  # a loaded prior bundle
                        ) -> AudioCodes:
     "`codes` with frames `start:end` drawn anew from the prior (the `CODE_INPAINTERS` entry of `prior` bundles)."
     if codes.model_hash != bundle.config.codec_hash:
-        raise WidgetError(f"{codes.path or 'codes'}: made by codec {codes.model_hash[:12]}, but the prior {bundle.path} models codec {bundle.config.codec_hash[:12]}")
+        raise WidgetError(f"{quoted(codes.path) if codes.path else 'codes'}: made by codec {codes.model_hash[:12]}, but the prior {quoted(bundle.path)} models codec {bundle.config.codec_hash[:12]}")
     q = bundle.config.n_codebooks
     if codes.n_codebooks != q: raise WidgetError(f"the prior needs all {q} codebooks, these codes hold {codes.n_codebooks}")
     new = inpaint_codes(bundle.model, codes.codes, start, end, seed=seed).numpy().astype(codes.codes.dtype)
@@ -784,7 +784,7 @@ class PriorApp:
                  *,
                  work_dir: str | os.PathLike | None = None,  # where clips go (default: a temporary folder)
                  ):
-        if bundle.kind != "prior": raise WidgetError(f"{bundle.path}: the audio generation app needs a prior bundle, got {bundle.kind}")
+        if bundle.kind != "prior": raise WidgetError(f"{quoted(bundle.path)}: the audio generation app needs a prior bundle, got {bundle.kind}")
         self.bundle, self.pair, self.takes = bundle, None, 0
         self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="kelly-audio-"))
         style = {"description_width": "initial"}

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from kelly.core import KellyError
+from kelly.core import KellyError, quoted
 from kelly.datasets import (TOKEN_CACHE_MANIFEST, Augmentation, AugmentConfig, DatasetError, LMDataConfig,
                             MidiCorpus, RandomWindows, SlidingWindows, TokenCache, WindowLoader, bach_chorales,
                             default_cache_folder, lm_dataloaders)
@@ -96,7 +96,7 @@ def test_mixed_folder_gives_good_files_and_a_report(bach, tok, tmp_path, caplog)
     for s in report["skipped"]: assert s["file"] in s["reason"], s   # the MidiError message, naming the file
     assert sorted(i["file"] for i in report["ignored"]) == ["README.txt", "cover.png"]
     assert (report["n_midi_files"], report["n_tokenized"]) == (10, 5)
-    assert f"skipped 5 of 10 MIDI files in {folder}" in caplog.text
+    assert f"skipped 5 of 10 MIDI files in {quoted(folder)}" in caplog.text
     for i, name in enumerate(cache.names): assert np.array_equal(cache.doc(i), tok.encode_file(folder/name, add_special=False))
 
 

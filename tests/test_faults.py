@@ -530,6 +530,10 @@ HOSTILE_AUDIO_ROWS = {
     "audio generate: --model is a codec": (lambda b, c, k, p, lm, m, o: ["audio", "generate", "--model", c, "--out", o/"g"], "not the prior model"),
     "audio train: --corpus without audio": (lambda b, c, k, p, lm, m, o: ["audio", "train", "--corpus", b/"out-folder", "--runs_dir", o/"runs", "--quiet"], "holds no audio files"),
     "audio train: --corpus is a file": (lambda b, c, k, p, lm, m, o: ["audio", "train", "--corpus", b/"a-file", "--runs_dir", o/"runs", "--quiet"], "not a folder"),
+    "audio train: a named run on a corpus without audio": (lambda b, c, k, p, lm, m, o: ["audio", "train", "--corpus", b/"out-folder", "--runs_dir", o/"runs", "--name", "x", "--quiet"], "holds no audio files"),
+    "train: a named run on a corpus without MIDI": (lambda b, c, k, p, lm, m, o: ["train", "--corpus", b/"out-folder", "--runs_dir", o/"runs", "--name", "x", "--quiet"], "holds no MIDI files"),
+    "generate: an empty prompt, into new folders": (lambda b, c, k, p, lm, m, o: ["generate", "--model", lm, "--prompt", b/"empty.npz", "--out", o/"new"/"g"], "not a MIDI file"),
+    "audio render: a good and a bad file, into new folders": (lambda b, c, k, p, lm, m, o: ["audio", "render", sorted(m.glob("*.mid"))[0], b/"empty.wav", "--out", o/"new"/"r"], "not a MIDI file"),
     "audio train-prior: --codec is a language model": (lambda b, c, k, p, lm, m, o: ["audio", "train-prior", "--codec", lm, "--runs_dir", o/"runs", "--quiet"], "not the codec model"),
     "info: a codes file": (lambda b, c, k, p, lm, m, o: ["info", k], "not a bundle"),
     "info: an empty folder": (lambda b, c, k, p, lm, m, o: ["info", b/"out-folder"], "not a kelly bundle"),
@@ -549,15 +553,32 @@ def test_hostile_inputs_to_the_audio_commands(row, bad_inputs, codec_bundle, pri
     assert status == 1 and "Traceback" not in err, (status, out, err)
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"kelly {command}: error: ") and words in last, err
-    # no file written (the training rows' runs_dir and a generation's parent folders may remain, empty)
-    assert not [q for q in (tmp_path/"o").rglob("*") if not q.is_dir()] and _snapshot(bad_inputs) == before
+    # nothing written, not even an empty folder: a training row's runs_dir, a generation's --out and its parents
+    assert not (tmp_path/"o").exists(), sorted((tmp_path/"o").rglob("*"))
+    assert _snapshot(bad_inputs) == before
 
 
 def test_failed_audio_generation_leaves_no_new_folder(prior_run, home, tmp_path, capsys):
-    "A generation that fails after starting (a length of no frames at all, refused by the sampler) removes the output folder it created."
-    status, out, err = _cli(capsys, "audio", "generate", "--model", prior_run, "--seconds", "1e-9", "-n", "1", "--out", tmp_path/"g", home=home)
+    "A generation that fails after starting (a length of no frames at all, refused by the sampler) removes the folders it created, parents too."
+    status, out, err = _cli(capsys, "audio", "generate", "--model", prior_run, "--seconds", "1e-9", "-n", "1", "--out", tmp_path/"new"/"g", home=home)
     assert status == 1 and "Traceback" not in err and "shorter than one code frame" in err, err
-    assert not (tmp_path/"g").exists()
+    assert not (tmp_path/"new").exists()
+
+
+def test_paths_in_messages_are_quoted(tmp_path, lm_bundle, codec_bundle, inputs, home, capsys):
+    "A name with a trailing space is visible in every message: paths are quoted (`'take 1 .mid'`), in errors and in skip lists."
+    corpus = tmp_path/"corpus "; shutil.copytree(inputs/"midi", corpus); (corpus/"take 1 .mid").write_bytes(b"MThd broken")
+    status, out, err = _cli(capsys, "tokenize", "--check", corpus, "--workers", "1", home=home)
+    assert status == 1 and repr(str(corpus/"take 1 .mid")) in out + err, (out, err)
+    for argv, path in ((["generate", "--model", f"{lm_bundle} ", "--out", tmp_path/"g"], f"{lm_bundle} "),
+                       (["info", tmp_path/"missing "], tmp_path/"missing "),
+                       (["train", "--corpus", tmp_path/"none ", "--runs_dir", tmp_path/"runs", "--quiet"], tmp_path/"none "),
+                       (["train", "--corpus", "null", "--runs_dir", tmp_path/"runs", "--quiet"], "null"),   # a path, not YAML's null (the default corpus)
+                       (["generate", "--model", lm_bundle, "--prompt", corpus/"take 1 .mid", "--out", tmp_path/"g"], corpus/"take 1 .mid"),
+                       (["audio", "encode", corpus/"take 1 .mid", "--model", codec_bundle[0], "--out", tmp_path/"x.npz"], corpus/"take 1 .mid")):
+        status, out, err = _cli(capsys, *argv, home=home)
+        assert status == 1 and repr(str(path)) in err.strip().splitlines()[-1], (argv, err)
+    assert not (tmp_path/"g").exists() and not (tmp_path/"runs").exists()
 
 
 def test_info_reads_a_run_folder_as_the_other_commands_do(prior_run, home, capsys):
