@@ -37,7 +37,7 @@ from fastcore.basics import noop
 
 from .core import Config, ConfigError, KellyError, kelly_path, pick_device, seed_everything, sha256_file, umask_mode, write_json, quoted
 from .audio import plot_spectrogram, save_audio
-from .datasets import CounterRNG, DatasetError, WindowLoader, split_by_piece
+from .datasets import CounterRNG, DatasetError, WindowLoader, _folder_lock, split_by_piece
 from .audio_datasets import AudioCache, bach_chorales_audio
 from .codec import Codec
 from .prior import CodePattern, CodePrior, CodeCrossEntropy, PriorConfig
@@ -130,15 +130,18 @@ class CodeCache:
         if audio.sample_rate != codec.config.sample_rate:
             raise DatasetError(f"audio cache {str(audio.folder)!r} is at {audio.sample_rate} Hz, the codec runs at {codec.config.sample_rate} Hz")
         folder = Path(folder) if folder is not None else kelly_path(CODE_CACHE_DIR, f"{audio.corpus_key[:_HASH_CHARS]}-{codec_hash[:_HASH_CHARS]}")
-        if (folder/CODE_CACHE_MANIFEST).is_file():
-            try:
-                cache = cls(folder)
-                if (cache.corpus_key, cache.codec_hash) == (audio.corpus_key, codec_hash): return cache
-                _log.info("code cache %s is for other audio or another codec: rebuilding", quoted(folder))
-            except CodeCacheFormatError as e: _log.info("%s: rebuilding", e)
-            except DatasetError as e: _log.warning("code cache %s is damaged (%s): rebuilding", quoted(folder), e)
-        _build_code_cache(folder, audio, codec, codec_hash, progress)
-        return cls(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with _folder_lock(folder):   # a second process (another run, a rank) waits here, then finds the codes encoded
+            if (folder/CODE_CACHE_MANIFEST).is_file():
+                try:
+                    cache = cls(folder)
+                    if (cache.corpus_key, cache.codec_hash) == (audio.corpus_key, codec_hash): return cache
+                    _log.info("code cache %s is for other audio or another codec: rebuilding", quoted(folder))
+                except CodeCacheFormatError as e: _log.info("%s: rebuilding", e)
+                except DatasetError as e: _log.warning("code cache %s is damaged (%s): rebuilding", quoted(folder), e)
+            for p in folder.glob(".codes-*.tmp"): p.unlink()   # left by a killed build; no writer can be active under the lock
+            _build_code_cache(folder, audio, codec, codec_hash, progress)
+            return cls(folder)
 
     @property
     def codes(self) -> np.ndarray:
