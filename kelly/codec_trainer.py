@@ -23,7 +23,7 @@ from fastai.optimizer import Adam
 from fastai.torch_core import get_model
 from fastcore.basics import noop
 
-from .core import Config, ConfigError, pick_device, quoted, seed_everything, write_json
+from .core import Config, ConfigError, check_training_memory, pick_device, quoted, seed_everything, write_json
 from .audio_datasets import AudioCorpus, AudioDataConfig, audio_dataloaders, bach_chorales_audio
 from .codec import Codec, CodecConfig
 from .audio_losses import CodecLoss, CodecLossConfig
@@ -174,6 +174,7 @@ def _train_codec(config, rank, world_size, device, resume, cbs, progress, wait=F
         config = dataclasses.replace(config, name=run_dir.name)
         dls = audio_dataloaders(_audio_corpus(config, progress and main), config.data, rank, world_size, device=device, progress=progress and main)
         _check_valid_batches(dls, world_size)
+        check_training_memory(lambda n: Codec(dataclasses.replace(config.model, n_layers=n)), config.model.n_layers, device)   # before anything is written or allocated
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
             config.save(run_dir/CONFIG_FILE)

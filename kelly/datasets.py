@@ -915,7 +915,7 @@ def lm_dataloaders(source: "str | os.PathLike | MidiCorpus | TokenCache",  # cor
     loaders = [WindowLoader(ds, bs=config.bs, rank=rank, world_size=world_size, num_workers=config.num_workers, device=device)
                for ds in (train, valid)]
     if len(loaders[0]) == 0:
-        raise DatasetError(f"the training split of {cache.manifest['corpus']} gives fewer than one batch per rank "
+        raise DatasetError(f"the training split of {quoted(cache.manifest['corpus'])} gives fewer than one batch per rank "
                            f"({len(train)} windows, bs={config.bs}, world_size={world_size}): lower bs or raise windows_per_epoch")
     dls = DataLoaders(*loaders, device=device)
     dls.tokenizer, dls.cache, dls.config = tokenizer, cache, config

@@ -35,7 +35,7 @@ from fastai.optimizer import Adam
 from fastai.torch_core import get_model
 from fastcore.basics import noop
 
-from .core import Config, ConfigError, KellyError, kelly_path, pick_device, seed_everything, sha256_file, umask_mode, write_json, quoted
+from .core import Config, ConfigError, KellyError, check_training_memory, kelly_path, pick_device, seed_everything, sha256_file, umask_mode, write_json, quoted
 from .audio import plot_spectrogram, save_audio
 from .datasets import CounterRNG, DatasetError, WindowLoader, _folder_lock, split_by_piece
 from .audio_datasets import AudioCache, bach_chorales_audio
@@ -509,8 +509,9 @@ def _train_prior(config, rank, world_size, device, resume, cbs, progress, wait=F
         config = dataclasses.replace(config, name=run_dir.name)
         codec_path = find_codec(config.codec, runs_folder(config))
         codec_bundle = load_bundle(codec_path, device=device, kind="codec")
-        cache = _code_cache(config, codec_bundle, main, world_size, progress and main)
         model_config = PriorConfig.for_codec(codec_bundle.model, codec_bundle.model_hash, config.model)
+        check_training_memory(lambda n: CodePrior(dataclasses.replace(model_config, n_layers=n)), model_config.n_layers, device)   # before the corpus is encoded or anything is allocated
+        cache = _code_cache(config, codec_bundle, main, world_size, progress and main)
         config = dataclasses.replace(config, model=model_config, codec=codec_path)
         dls = prior_dataloaders(cache, model_config.code_pattern(), model_config.max_frames, config.data, rank, world_size, device=device)
         _check_valid_batches(dls, world_size)

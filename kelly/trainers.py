@@ -39,7 +39,7 @@ from fastai.torch_core import get_model
 from fastcore.basics import noop
 from torch import nn
 
-from .core import (LOG_FORMAT, Config, ConfigError, KellyError, ThreadChoice, atomic_write, check_output_folder, choose_threads, ensure_folder,
+from .core import (LOG_FORMAT, Config, ConfigError, KellyError, ThreadChoice, atomic_write, check_output_folder, check_training_memory, choose_threads, ensure_folder,
                         kelly_path, pick_device, seed_everything, write_json, quoted)
 from .tokenizer import Tokenizer, TokenizerConfig
 from .datasets import LMDataConfig, bach_chorales, lm_dataloaders
@@ -336,10 +336,12 @@ def claim_run_folder(config: TrainConfig,  # `name` and `runs_dir` are read
         except FileExistsError: continue
     raise TrainerError(f"{quoted(root)}: {MAX_RUNS_PER_SECOND} runs already started at {stamp}; name this one (--name)")
 
+_RUN_SETUP_FILES = {RUN_LOCK_FILE, CONFIG_FILE, TOKENIZER_FILE}  # what a run writes before its first step (derived from its arguments)
+
 def remove_unused_run(claim: ClaimedRun):
     "Undo a claim whose run wrote nothing (only its lock file): remove the folders the claim made, if they hold nothing else."
     if not claim.made or claim.made[0] != claim.path: return   # the run folder was there before: keep it
-    if sorted(p.name for p in claim.path.iterdir()) not in ([], [RUN_LOCK_FILE]): return
+    if not {p.name for p in claim.path.iterdir()} <= _RUN_SETUP_FILES: return   # it wrote history, checkpoints or a log: kept
     shutil.rmtree(claim.path, ignore_errors=True)
     for folder in claim.made[1:]:
         try: folder.rmdir()   # only when empty: another run may have started in it meanwhile
@@ -481,6 +483,7 @@ def _train(config, rank, world_size, device, resume, sample_fn, on_sample, cbs, 
         tok = Tokenizer(config.tokenizer)
         dls = lm_dataloaders(_corpus(config, progress and main), tok, config=config.data, rank=rank, world_size=world_size, device=device, progress=progress and main)
         _check_valid_batches(dls, world_size)
+        check_training_memory(lambda n: MusicTransformer(TransformerConfig.for_tokenizer(tok, dataclasses.replace(config.model, n_layers=n))), config.model.n_layers, device)   # before anything is written or allocated
         threads = _train_threads(config, run_dir, resume, world_size)
         _log.info("%s", threads.reason)
         config = dataclasses.replace(config, threads=threads.threads)

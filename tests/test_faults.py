@@ -236,6 +236,10 @@ def test_absurd_values_are_refused_before_work(lm_bundle, home, tmp_path, capsys
     assert status == 1 and "optim.lr" in err and "not a finite number" in err, err
     status, out, err = _cli(capsys, "train", "--model.n_layers", "0", home=home)
     assert status == 1 and "'model.n_layers'" in err, err
+    for flag, value in (("--model.n_layers", "1000000"), ("--model.width", "1000000"), ("--seed", "99999999999999999999999")):
+        status, out, err = _cli(capsys, "train", flag, value, "--corpus_limit", "3", "--data.bs", "4", "--runs_dir", tmp_path/"runs", home=home)
+        assert status == 1 and "Traceback" not in err and ("choose a smaller model" in err or "does not fit a 64-bit integer" in err), (flag, err)
+    assert not (tmp_path/"runs").exists()   # refused before a run folder was made (or removed with the claim)
     assert not (tmp_path/"g").exists()
 
 
