@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['FLAG_DEST_PREFIX', 'SUBCOMMANDS', 'EXIT_ERROR', 'EXIT_BUG', 'EXIT_INTERRUPTED', 'SEED_RANGE', 'MIN_PIECE_TOKENS',
-           'CLI_SAMPLING', 'BAR_TOKEN_BUDGET', 'SAMPLES_DIR', 'DERIVED_TRAIN_KEYS', 'CLI_CODE_SAMPLING',
-           'config_fields', 'add_config_flags', 'config_from_args', 'subcommand', 'build_parser', 'main',
-           'cmd_tokenize', 'newest_bundle', 'bundle_folder', 'cmd_generate', 'cmd_info', 'train_config_from_args',
-           'cmd_train', 'cmd_evaluate', 'cmd_audio_train_prior', 'cmd_audio_generate', 'cmd_audio_render',
-           'check_output_file', 'cmd_audio_pitch', 'cmd_audio_check', 'cmd_audio_encode', 'cmd_audio_decode',
-           'cmd_audio_train']
+           'CLI_TOP_P', 'CLI_KEY_PENALTY', 'CLI_SAMPLING', 'BAR_TOKEN_BUDGET', 'SAMPLES_DIR', 'DERIVED_TRAIN_KEYS',
+           'CLI_CODE_SAMPLING', 'config_fields', 'add_config_flags', 'config_from_args', 'subcommand', 'build_parser',
+           'main', 'cmd_tokenize', 'newest_bundle', 'bundle_folder', 'bundle_sampling', 'cmd_generate', 'cmd_info',
+           'train_config_from_args', 'cmd_train', 'cmd_evaluate', 'cmd_audio_train_prior', 'cmd_audio_generate',
+           'cmd_audio_render', 'check_output_file', 'cmd_audio_pitch', 'cmd_audio_check', 'cmd_audio_encode',
+           'cmd_audio_decode', 'cmd_audio_train']
 
 # %% ../nbs/14_cli.ipynb #8fa2c8a0
 import argparse
@@ -38,7 +38,7 @@ from .exporters import (PRIOR_CODEC_DIR, load_prior, MANIFEST_FILE, AudioCodes, 
 from .evaluation import (CORPUS_PLOT, CORPUS_REPORT, QUALITY_PLOT, QUALITY_REPORT, evaluate_bundle, evaluate_folders,
                               format_folder_report, format_summary)
 from .distributed import is_main_process
-from .trainers import BUNDLE_DIR, CONFIG_FILE, RUNS_DIR, TrainConfig, run_folder, train
+from .trainers import BUNDLE_DIR, CONFIG_FILE, PITCH_RANGE_KEY, RUNS_DIR, TrainConfig, run_folder, train
 from .codec_trainer import RECONSTRUCTIONS_DIR, CodecTrainConfig, train_codec
 from .code_sampler import CodeSamplingConfig
 from .prior_trainer import REPORT_FILE, PriorTrainConfig, generate_audio, train_prior
@@ -206,7 +206,9 @@ def _add_tokenize(sub):
 # %% ../nbs/14_cli.ipynb #85433162
 SEED_RANGE = 2**31  # seeds drawn for unseeded runs are below this
 MIN_PIECE_TOKENS = 64  # the CLI's pieces may not end before this many new tokens (about a bar of a chorale)
-CLI_SAMPLING = SamplingConfig(min_new_tokens=MIN_PIECE_TOKENS)  # what `kelly generate`/`evaluate` start from
+CLI_TOP_P = 0.9  # the CLI's nucleus: the unlikely tail (stray pitches, off-key notes) is not drawn
+CLI_KEY_PENALTY = 0.3  # the CLI's soft key: logit taken from pitches outside the scale of the notes so far
+CLI_SAMPLING = SamplingConfig(min_new_tokens=MIN_PIECE_TOKENS, top_p=CLI_TOP_P, key_penalty=CLI_KEY_PENALTY)  # what `kelly generate`/`evaluate` start from
 BAR_TOKEN_BUDGET = 256  # with --bars N and no --max_new_tokens: N times this many tokens at most (a chorale bar takes about 50)
 
 def _manifest_hash(path: Path) -> str | None:
@@ -254,6 +256,21 @@ def _bundle_path(args, kind: str = "lm", model_hash: str | None = None) -> Path:
     logging.getLogger(__name__).info("no --model given: using the newest bundle, %s", path)
     return path
 
+def bundle_sampling(sampling: SamplingConfig,  # the settings from the defaults, --config and the flags
+                    bundle,  # a loaded language-model bundle (`load_bundle`)
+                    explicit: bool = False,  # --pitch_range was given (then it stands, `null` included: any pitch)
+                    ) -> SamplingConfig:
+    "`sampling` with the bundle's trained pitch range (`PITCH_RANGE_KEY` of its metadata) where no range was asked for."
+    if explicit or sampling.pitch_range is not None: return sampling
+    trained = bundle.metadata.get(PITCH_RANGE_KEY)
+    if trained is None:
+        logging.getLogger(__name__).warning("the bundle %s records no trained pitch range (trained by an older kelly): pitches are not limited; "
+                                            "--pitch_range LOW,HIGH sets a range", bundle.path)
+        return sampling
+    return sampling.override(f"pitch_range={json.dumps(list(trained))}")
+
+def _pitch_range_given(args) -> bool: return getattr(args, FLAG_DEST_PREFIX + "pitch_range", None) is not None
+
 def cmd_generate(args,  # parsed arguments of `kelly generate`
                  out=None,  # where to print (default stdout)
                  ) -> int:
@@ -268,6 +285,7 @@ def cmd_generate(args,  # parsed arguments of `kelly generate`
     check_output_folder(args.out)   # before any work: a folder that cannot take the pieces is refused now
     path = _bundle_path(args)
     bundle = load_bundle(path, device=args.device, kind="lm")
+    sampling = bundle_sampling(sampling, bundle, _pitch_range_given(args))
     prompt = midi_prompt(bundle.tokenizer, args.prompt, args.prompt_tokens) if args.prompt is not None else None
     gen = generate(bundle.model, bundle.tokenizer, prompt=prompt, n=args.n, config=sampling)
     exports = export_pieces(bundle.tokenizer, gen, out_dir=args.out, prefix=args.prefix, piano_rolls=not args.no_piano_roll)
@@ -341,8 +359,8 @@ def cmd_train(args,  # parsed arguments of `kelly train`
     if m.get("stopped_early_at_epoch") is not None: print(f"stopped early after epoch {m['stopped_early_at_epoch']}", file=out)
     print("valid: " + ", ".join(f"{k} {m[k]:.4g}" for k in ("valid_loss", "perplexity", "token_accuracy") if m.get(k) is not None), file=out)
     if args.samples:
-        model = load_bundle(result.bundle, device=next(learn.model.parameters()).device).model   # the bundled (best) weights
-        gen = generate(model, learn.tokenizer, n=args.samples, config=CLI_SAMPLING,
+        bundle = load_bundle(result.bundle, device=next(learn.model.parameters()).device)   # the bundled (best) weights
+        gen = generate(bundle.model, learn.tokenizer, n=args.samples, config=bundle_sampling(CLI_SAMPLING, bundle),
                        max_new_tokens=args.sample_tokens, seed=config.seed)
         for e in export_pieces(learn.tokenizer, gen, out_dir=run_dir/SAMPLES_DIR): print(e, file=out)
     return 0
@@ -380,8 +398,9 @@ def cmd_evaluate(args,  # parsed arguments of `kelly evaluate`
     dest = args.report or Path(path).parent/QUALITY_REPORT
     check_output_folder(Path(dest).parent, "report folder")
     plot = Path(dest).with_suffix(".png")
-    report = evaluate_bundle(load_bundle(path, kind="lm"), n=args.n, corpus=args.reference, sampling=sampling, report=dest, plot=plot,
-                             memorisation=not args.no_memorisation)
+    bundle = load_bundle(path, kind="lm")
+    report = evaluate_bundle(bundle, n=args.n, corpus=args.reference, sampling=bundle_sampling(sampling, bundle, _pitch_range_given(args)),
+                             report=dest, plot=plot, memorisation=not args.no_memorisation)
     for line in format_summary(report): print(line, file=out)
     print(f"report: {dest}", file=out); print(f"plot: {plot}", file=out)
     return 0

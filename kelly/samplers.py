@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['SamplerError', 'SamplingConfig', 'top_k_top_p', 'filter_logits_reference', 'draw', 'apply_repetition_penalty',
-           'repetition_penalty_reference', 'TokenSampler', 'grammar_forbidden', 'PositionRule', 'midi_prompt',
-           'attention_window', 'stream', 'decoding_bytes', 'Generation', 'generate']
+           'repetition_penalty_reference', 'TokenSampler', 'grammar_forbidden', 'PositionRule', 'PitchRule',
+           'midi_prompt', 'attention_window', 'stream', 'decoding_bytes', 'Generation', 'generate']
 
 # %% ../nbs/08_samplers.ipynb #66b7ff01
 import contextlib
@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from .core import Config, ConfigError, KellyError, check_memory, choose_threads, intra_op_threads
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, TokenType
 from .models import MusicTransformer
+from .metrics import N_PITCH_CLASSES
+from .music_metrics import SCALES
 from .inference import BACKENDS, make_decoder
 
 # %% ../nbs/08_samplers.ipynb #3889086f
@@ -45,6 +47,9 @@ class SamplingConfig(Config):
     bars: int = 0                     # end each piece after this many bars (prompt included), eos held until then (0: no limit)
     threads: int | None = None        # intra-op threads while decoding on the CPU (None: kelly.core's policy, from the batch size and the free cores)
     backend: str = "torch"            # decoding engine with the KV cache: torch (the reference), onnx (ONNX Runtime) or int8 (its dynamic INT8)
+    pitch_range: tuple[int, int] | None = None  # lowest and highest pitch a pitched note may take (None: any; `kelly generate` uses the bundle's trained range)
+    key_penalty: float = 0.0          # logit taken from pitches outside the major/minor scale that best fits each sequence's notes so far (0: off)
+    key_notes: int = 8                # notes a sequence needs before its scale is estimated and `key_penalty` applies
     version: int = 1                  # format version of this config
 
     def validate(self):
@@ -60,6 +65,10 @@ class SamplingConfig(Config):
         if self.backend not in BACKENDS: raise ConfigError(f"config key 'backend': {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.backend != "torch" and not self.use_cache: raise ConfigError(f"config key 'backend': {self.backend} decodes with the KV cache; use_cache=false runs torch only")
         if self.threads is not None and self.threads < 1: raise ConfigError(f"config key 'threads': must be at least 1 (or null: chosen per batch and load), got {self.threads}")
+        if self.pitch_range is not None and not 0 <= self.pitch_range[0] <= self.pitch_range[1]:
+            raise ConfigError(f"config key 'pitch_range': must be [lowest, highest] with 0 <= lowest <= highest (or null: any pitch), got {list(self.pitch_range)}")
+        if not self.key_penalty >= 0: raise ConfigError(f"config key 'key_penalty': must be >= 0 (0 is off), got {self.key_penalty}")
+        if self.key_notes < 1: raise ConfigError(f"config key 'key_notes': must be at least 1, got {self.key_notes}")
 
 # %% ../nbs/08_samplers.ipynb #22b8d7e0
 def top_k_top_p(logits: torch.Tensor,  # [B, V] scores (already divided by the temperature)
@@ -129,9 +138,10 @@ class TokenSampler:
                  device=None,
                  positions=None,  # a `PositionRule`: the grammar's value rule for positions (constrained decoding)
                  eos_id: int | None = None,  # held back for `config.min_new_tokens` steps and until `config.bars` bars
-                 bar_id: int | None = None):  # the tokenizer's Bar token, counted for `config.bars`
+                 bar_id: int | None = None,  # the tokenizer's Bar token, counted for `config.bars`
+                 pitches=None):  # a `PitchRule`: pitch range and key penalty
         if config.bars and (eos_id is None or bar_id is None): raise SamplerError("bars: counting bars needs the tokenizer's bar and eos ids")
-        self.config, self.forbidden, self.generator, self.positions = config, forbidden, generator, positions
+        self.config, self.forbidden, self.generator, self.positions, self.pitches = config, forbidden, generator, positions, pitches
         self.penalise = config.repetition_penalty != 1.0
         self.seen = torch.zeros(batch_size, vocab_size, dtype=torch.bool, device=device) if self.penalise else None
         self.eos = torch.tensor([eos_id], device=device) if eos_id is not None else None
@@ -140,9 +150,10 @@ class TokenSampler:
         self.step = 0
 
     def observe(self, ids: torch.Tensor):  # [B, T] tokens now part of the sequences (the prompt)
-        "Record tokens for the repetition penalty, the position rule and the bar count."
+        "Record tokens for the repetition penalty, the position and pitch rules and the bar count."
         if self.penalise: self.seen.scatter_(1, ids, True)
         if self.positions is not None: self.positions.start(ids)
+        if self.pitches is not None: self.pitches.start(ids)
         if self.config.bars: self.bar_count += (ids == self.bar_id).sum(1)
 
     def __call__(self, logits: torch.Tensor,  # [B, V] next-token scores
@@ -153,6 +164,7 @@ class TokenSampler:
         if self.penalise: logits = apply_repetition_penalty(logits, self.seen, c.repetition_penalty)
         if self.forbidden is not None: logits = logits.masked_fill(self.forbidden[previous], float("-inf"))
         if self.positions is not None: logits = logits.masked_fill(self.positions.forbidden(logits.device), float("-inf"))
+        if self.pitches is not None: logits = self.pitches(logits)
         if self.eos is not None and self.step < c.min_new_tokens: logits = logits.index_fill(-1, self.eos, float("-inf"))
         elif c.bars:
             logits = logits.clone()
@@ -170,6 +182,7 @@ class TokenSampler:
             self.bar_count += is_bar & (self.bar_count < c.bars)
         if self.penalise: self.seen.scatter_(1, tokens[:, None], True)
         if self.positions is not None: self.positions.update(tokens)
+        if self.pitches is not None: self.pitches.update(tokens)
         self.step += 1
         return tokens
 
@@ -228,6 +241,60 @@ class PositionRule:
         self.metre = np.where(sets >= 0, sets, self.metre)
         self.length = np.where(self.changes_length[t], self.metre, self.length)
         self.last = np.where(self.keeps_last[t], self.last, self.new_last[t])
+
+# %% ../nbs/08_samplers.ipynb #bcd2d85e
+class PitchRule:
+    "Per sequence: pitches outside `config.pitch_range` forbidden, pitches outside the key of the notes so far penalised by `config.key_penalty`."
+    def __init__(self, tokenizer: Tokenizer,  # its `type_of` and `value_of` say which ids are pitches, and which
+                 vocab_size: int,  # the model's vocabulary size
+                 config: SamplingConfig,  # `pitch_range`, `key_penalty`, `key_notes`
+                 device=None):
+        type_of, value_of = np.asarray(tokenizer.type_of), np.asarray(tokenizer.value_of)
+        if len(type_of) != vocab_size: raise SamplerError(f"the tokenizer has {len(type_of)} tokens but the model has {vocab_size}: was the model trained with this tokenizer?")
+        is_pitch = type_of == TokenType.PITCH
+        self.config, self.device = config, device
+        self.pitch_class = np.where(is_pitch, value_of % N_PITCH_CLASSES, -1)      # [V]: pitch class of a Pitch id, -1 otherwise
+        outside = np.zeros(vocab_size, bool)
+        if config.pitch_range is not None:
+            lo, hi = config.pitch_range
+            outside = is_pitch & ((value_of < lo) | (value_of > hi))
+            if not (is_pitch & ~outside).any():
+                have = value_of[is_pitch]
+                raise SamplerError(f"pitch_range {[lo, hi]} holds no pitch of the tokenizer (its pitches are {int(have.min())}-{int(have.max())})")
+        self.outside = torch.from_numpy(outside).to(device)                        # [V] never drawn
+        scales = np.zeros((len(SCALES) * N_PITCH_CLASSES, N_PITCH_CLASSES), bool)  # every major and minor scale on every root
+        for i, steps in enumerate(SCALES.values()):
+            for root in range(N_PITCH_CLASSES): scales[i * N_PITCH_CLASSES + root, (np.array(steps) + root) % N_PITCH_CLASSES] = True
+        self.scales = scales
+        # [n_scales, V]: True where a Pitch id lies outside the scale
+        self.off_key = torch.from_numpy(is_pitch[None] & ~scales[:, np.maximum(self.pitch_class, 0)]).to(device)
+        self.counts = None
+
+    def start(self, ids: torch.Tensor):  # [B, T] the prompt
+        "Count the pitch classes of each prompt's notes."
+        pc = self.pitch_class[ids.cpu().numpy()]
+        self.counts = np.stack([np.bincount(r[r >= 0], minlength=N_PITCH_CLASSES) for r in pc]).astype(np.int64)
+
+    def keys(self) -> np.ndarray:
+        "int64 [B]: each sequence's best-fitting scale (row of `scales`), -1 while it has fewer than `key_notes` notes."
+        best = (self.counts @ self.scales.T).argmax(1)
+        return np.where(self.counts.sum(1) >= self.config.key_notes, best, -1)
+
+    def __call__(self, logits: torch.Tensor,  # [B, V] next-token scores
+                 ) -> torch.Tensor:
+        "The logits with out-of-range pitches at -inf and out-of-key pitches lowered by `key_penalty`."
+        logits = logits.masked_fill(self.outside, float("-inf"))
+        if self.config.key_penalty:
+            keys = torch.from_numpy(self.keys()).to(logits.device)
+            off = self.off_key[keys.clamp(min=0)] & (keys >= 0)[:, None]
+            logits = logits - self.config.key_penalty * off.to(logits.dtype)
+        return logits
+
+    def update(self, tokens: torch.Tensor):  # [B] the tokens just drawn
+        "Count the pitch class of each new note."
+        pc = self.pitch_class[tokens.cpu().numpy()]
+        rows = np.flatnonzero(pc >= 0)
+        self.counts[rows, pc[rows]] += 1
 
 # %% ../nbs/08_samplers.ipynb #e4234d5d
 def _as_prompt(prompt, n: int, vocab_size: int, tokenizer, device) -> torch.Tensor:
@@ -305,11 +372,13 @@ def stream(model: MusicTransformer,  # the language model
     if c.stop_at_eos and tokenizer is not None: eos, pad = tokenizer.eos_id, tokenizer.pad_id
     generator = torch.Generator(device=device).manual_seed(c.seed) if c.seed is not None else None
     positions = PositionRule(tokenizer.grammar) if forbidden is not None else None
+    if (c.pitch_range is not None or c.key_penalty) and tokenizer is None: raise SamplerError("pitch_range and key_penalty need a tokenizer (its Pitch tokens)")
+    pitches = PitchRule(tokenizer, model.config.vocab_size, c, device) if (c.pitch_range is not None or c.key_penalty) else None
     if c.bars and (tokenizer is None or not c.stop_at_eos): raise SamplerError("bars: a piece of N bars needs a tokenizer (its Bar and eos tokens) and stop_at_eos")
     eos_id = tokenizer.eos_id if ((c.min_new_tokens or c.bars) and tokenizer is not None) else None
     bar_id = tokenizer.bar_id if c.bars else None
     sampler = TokenSampler(c, B, vocab_size=model.config.vocab_size, forbidden=forbidden, generator=generator, device=device,
-                           positions=positions, eos_id=eos_id, bar_id=bar_id)
+                           positions=positions, eos_id=eos_id, bar_id=bar_id, pitches=pitches)
     _check_decoding_memory(model, c, ids.shape[0], ids.shape[1], device)
     return _decode(model, ids, c, sampler, eos, pad)     # everything above is checked now; decoding starts on iteration
 

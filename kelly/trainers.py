@@ -5,9 +5,10 @@
 # %% auto #0
 __all__ = ['METRIC_SUMS', 'RUNS_DIR', 'MONITORABLE', 'RUN_NAME_FORMAT', 'CHECKPOINT_DIR', 'CONFIG_FILE', 'TOKENIZER_FILE',
            'HISTORY_FILE', 'METRICS_FILE', 'LOG_FILE', 'BUNDLE_DIR', 'RUN_LOCK_FILE', 'MAX_RUNS_PER_SECOND',
-           'TrainerError', 'OptimConfig', 'AccumulateGradients', 'ProgressThroughput', 'DistributedMetrics',
-           'HistoryCSV', 'lm_learner', 'fit_lm', 'TrainConfig', 'runs_folder', 'latest_run', 'run_folder', 'ClaimedRun',
-           'claim_run_folder', 'remove_unused_run', 'RunLock', 'TrainResult', 'run_metrics', 'train', 'bundled_weights']
+           'PITCH_RANGE_KEY', 'TrainerError', 'OptimConfig', 'AccumulateGradients', 'ProgressThroughput',
+           'DistributedMetrics', 'HistoryCSV', 'lm_learner', 'fit_lm', 'TrainConfig', 'runs_folder', 'latest_run',
+           'run_folder', 'ClaimedRun', 'claim_run_folder', 'remove_unused_run', 'RunLock', 'TrainResult', 'run_metrics',
+           'train', 'bundled_weights', 'trained_pitch_range']
 
 # %% ../nbs/12_trainers.ipynb #e3144efd
 import csv
@@ -42,7 +43,7 @@ from torch import nn
 from .core import (LOG_FORMAT, Config, ConfigError, KellyError, ThreadChoice, atomic_write, check_output_folder, check_training_memory, choose_threads, ensure_folder,
                         kelly_path, pick_device, seed_everything, write_json, quoted)
 from .tokenizer import Tokenizer, TokenizerConfig
-from .datasets import LMDataConfig, bach_chorales, lm_dataloaders
+from .datasets import LMDataConfig, TokenCache, bach_chorales, lm_dataloaders
 from .models import MusicTransformer, TransformerConfig
 from .losses import LMLoss
 from .metrics import Perplexity, TokenAccuracy
@@ -511,7 +512,8 @@ def _train(config, rank, world_size, device, resume, sample_fn, on_sample, cbs, 
             if main:
                 model, metrics["bundled"] = bundled_weights(learn)
                 write_json(run_dir/METRICS_FILE, metrics)
-                bundle = save_bundle(run_dir/BUNDLE_DIR, model, tokenizer=tok, metadata=_bundle_metadata(config, run_dir, metrics), overwrite=True)
+                meta = _bundle_metadata(config, run_dir, metrics, trained_pitch_range(dls.cache, tok, config.data.augment.transpose if config.data.augment is not None else 0))
+                bundle = save_bundle(run_dir/BUNDLE_DIR, model, tokenizer=tok, metadata=meta, overwrite=True)
             _log.info("finished: %s", ", ".join(f"{k} {metrics[k]:.4g}" for k in ("valid_loss", "perplexity", "token_accuracy") if metrics.get(k) is not None))
         finally:
             torch.set_num_threads(previous_threads)
@@ -541,10 +543,22 @@ def bundled_weights(learn: Learner,  # after a fit, with kelly's `Checkpoint` (o
     model.load_state_dict(state["model"])
     return model.eval(), {"weights": "best", "monitor": ck.monitor, "checkpoint": ck.best_path.name, **{k: ck.best.get(k) for k in ("value", "step", "epoch")}}
 
-def _bundle_metadata(config: TrainConfig, run_dir: Path, metrics: dict) -> dict:
+PITCH_RANGE_KEY = "pitch_range"  # the bundle metadata key of `trained_pitch_range` (`kelly generate` keeps its pieces inside it)
+
+def trained_pitch_range(cache: TokenCache,  # the run's token cache (training and validation pieces)
+                        tokenizer: Tokenizer,  # its `pitch_span` and pitch range
+                        transpose: int,  # the augmentation's largest shift, semitones (0: none)
+                        ) -> list[int] | None:
+    "`[lowest, highest]` pitch the model met in training: the corpus' pitch span widened by `transpose` each way, inside the tokenizer's range (None without pitched notes)."
+    span = tokenizer.pitch_span(cache.read(0, cache.n_tokens))
+    if span is None: return None
+    lo, hi = tokenizer.config.pitch_range
+    return [max(lo, span[0] - int(transpose)), min(hi, span[1] + int(transpose))]
+
+def _bundle_metadata(config: TrainConfig, run_dir: Path, metrics: dict, pitch_range: list[int] | None = None) -> dict:
     "What a run's bundle records about its training."
     return {"run": run_dir.name, "corpus": str(config.corpus) if config.corpus else "bach_chorales",
-            "corpus_limit": config.corpus_limit, "metrics": metrics, "config": config.to_dict()}
+            "corpus_limit": config.corpus_limit, "metrics": metrics, "config": config.to_dict(), PITCH_RANGE_KEY: pitch_range}
 
 def _run_log_handler(path: Path) -> logging.Handler:
     "A file handler on the `kelly` logger for the run's log (levels as the program set them up)."
