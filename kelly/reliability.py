@@ -38,6 +38,7 @@ from .callbacks import DistributedTraining, KellyCallback, Precision, PrecisionN
 from .tokenizer import Tokenizer
 from .metrics import COLLAPSE_SHARE, max_token_share
 from .samplers import generate as sample_ids
+from .evaluation import Memorisation
 
 # %% ../nbs/11c_reliability.ipynb #3b72cac2
 _log = logging.getLogger(__name__)
@@ -422,7 +423,7 @@ class EarlyStopping(KellyCallback):
 
 # %% ../nbs/11c_reliability.ipynb #707bacca
 class SampleMonitor(KellyCallback):
-    "Every N steps, generate a short sample and report a collapse (one dominant token, low validity) to `Rollback`."
+    "Every N steps, generate a short sample, report a collapse (one dominant token, low validity) to `Rollback` and flag a sample copied from the training data."
     order, critical, run_valid = 62, False, False
     def __init__(self, generate: Callable[[nn.Module], Any],  # model -> token ids (list, array or tensor)
                  every_n_steps: int = 200,  # how often (in training steps)
@@ -434,10 +435,12 @@ class SampleMonitor(KellyCallback):
                  seed: int = 0,  # torch is seeded with seed + step while generating
                  on_sample: Callable[[np.ndarray, dict], None] | None = None,  # called with (ids, report) on rank 0
                  keep: int = 100,  # reports kept in `reports`
+                 memorisation: Callable[[np.ndarray], "Memorisation"] | None = None,  # ids -> what they copy, e.g. `NgramIndex(cache, tok).check`
                  ):
         if every_n_steps < 1: raise CallbackError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.generate, self.every_n_steps, self.validity, self.min_validity = generate, every_n_steps, validity, min_validity
         self.max_token_share, self.tokenizer, self.seed, self.on_sample = max_token_share, tokenizer, seed, on_sample
+        self.memorisation = memorisation
         self.reports = deque(maxlen=keep)
         self.validity_reached = False  # a sample has been at least `min_validity` valid: the validity test is armed
 
@@ -459,6 +462,7 @@ class SampleMonitor(KellyCallback):
         if v is not None and v >= self.min_validity: self.validity_reached = True
         elif v is not None and self.validity_reached: problems.append(f"validity {v:.2f} < {self.min_validity:.2f}")
         report["collapse"] = "; ".join(problems) or None
+        if self.memorisation is not None: self._check_copy(ids, report)
         self.reports.append(report)
         if report["collapse"]:
             _log.warning("sample monitor, step %d: collapse: %s", step, report["collapse"])
@@ -467,6 +471,14 @@ class SampleMonitor(KellyCallback):
             else: _log.warning("sample monitor: no Rollback callback on the learner, the collapse is only logged")
         else: _log.info("sample monitor, step %d: top token share %.2f, validity %s", step, report["top_token_share"], report["validity"])
         if self.on_sample is not None and is_main_process(): self.on_sample(ids, report)
+
+    def _check_copy(self, ids: np.ndarray, report: dict):
+        "Add what the sample copies from the training data to `report`; a copy longer than the limit is logged as a warning (not a collapse)."
+        m = self.memorisation(ids)
+        report["memorisation"] = m.to_dict()
+        if m.flagged:
+            _log.warning("sample monitor, step %d: the sample copies %d bars of %s (from its bar %s): memorised", report["step"], m.longest_bars,
+                         quoted(m.source), m.source_bar)
 
     def _sample(self, step: int) -> np.ndarray:
         model = get_model(self.learn.model)
@@ -534,6 +546,7 @@ def reliability_callbacks(cfg: ReliabilityConfig,  # the settings
                           on_sample: Callable[[np.ndarray, dict], None] | None = None,  # e.g. write the sample
                           config: Config | dict | None = None,  # the run's whole config, saved in checkpoints
                           tokenizer: Tokenizer | None = None,  # saved in checkpoints, checked on resume; the monitor samples with it
+                          memorisation: Callable[[np.ndarray], Any] | None = None,  # the monitor flags samples copied from the training data (`SampleMonitor`)
                           ) -> list[Callback]:
     "The callbacks `cfg` asks for: Precision, DistributedTraining, Checkpoint, EarlyStopping, Rollback, SampleMonitor, Throughput."
     if cfg.sample_every and generate is None and tokenizer is not None: generate = partial(lm_monitor_sample, tokenizer=tokenizer)
@@ -544,6 +557,6 @@ def reliability_callbacks(cfg: ReliabilityConfig,  # the settings
     if cfg.patience: cbs.append(EarlyStopping(cfg.patience))
     if cfg.rollback: cbs.append(Rollback(cfg.spike_factor, cfg.spike_window, lr_factor=cfg.lr_factor, max_rollbacks=cfg.max_rollbacks))
     if cfg.sample_every: cbs.append(SampleMonitor(generate, cfg.sample_every, validity=validity, min_validity=cfg.min_validity,
-                                                  max_token_share=cfg.max_token_share, tokenizer=tokenizer, on_sample=on_sample))
+                                                  max_token_share=cfg.max_token_share, tokenizer=tokenizer, on_sample=on_sample, memorisation=memorisation))
     cbs.append(Throughput())
     return cbs

@@ -48,6 +48,7 @@ from .models import MusicTransformer, TransformerConfig
 from .losses import LMLoss
 from .metrics import Perplexity, TokenAccuracy
 from .exporters import save_bundle
+from .evaluation import NgramIndex
 from .checkpoints import load_checkpoint
 from .distributed import DistributedError, distributed_session, get_world_size, is_main_process
 from .callbacks import KellyCallback, Throughput
@@ -436,6 +437,11 @@ def run_metrics(learn: Learner,  # after a fit
     if sm is not None: out["samples"] = [dict(r) for r in sm.reports]
     return out
 
+def _memorisation_check(config: TrainConfig, corpus: Path, tok: Tokenizer):
+    "What the sample monitor flags copies with: an n-gram index of the training corpus (None when the monitor is off)."
+    if not config.reliability.sample_every: return None
+    return NgramIndex(TokenCache.for_corpus(corpus, tok, progress=False), tok).check   # the cache the loaders just built or reused
+
 def _corpus(config: TrainConfig, progress: bool) -> Path:
     if config.corpus is None: return bach_chorales(config.corpus_limit, progress=progress)
     if not Path(config.corpus).is_dir(): raise TrainerError(f"config key 'corpus': {quoted(config.corpus)} is not a folder of MIDI files")
@@ -482,7 +488,8 @@ def _train(config, rank, world_size, device, resume, sample_fn, on_sample, cbs, 
     with _claimed_run(config, resume, rank, world_size, wait) as run_dir:
         config = dataclasses.replace(config, name=run_dir.name)
         tok = Tokenizer(config.tokenizer)
-        dls = lm_dataloaders(_corpus(config, progress and main), tok, config=config.data, rank=rank, world_size=world_size, device=device, progress=progress and main)
+        corpus = _corpus(config, progress and main)
+        dls = lm_dataloaders(corpus, tok, config=config.data, rank=rank, world_size=world_size, device=device, progress=progress and main)
         _check_valid_batches(dls, world_size)
         check_training_memory(lambda n: MusicTransformer(TransformerConfig.for_tokenizer(tok, dataclasses.replace(config.model, n_layers=n))), config.model.n_layers, device)   # before anything is written or allocated
         threads = _train_threads(config, run_dir, resume, world_size)
@@ -494,7 +501,8 @@ def _train(config, rank, world_size, device, resume, sample_fn, on_sample, cbs, 
             tok.save(run_dir/TOKENIZER_FILE)
         generate = (lambda model: sample_fn(model, tok)) if sample_fn is not None else None
         callbacks = reliability_callbacks(config.reliability, run_dir/CHECKPOINT_DIR, resume=resume, distributed=world_size > 1,
-                                          generate=generate, validity=tok.grammar.validity, on_sample=on_sample, config=config, tokenizer=tok)
+                                          generate=generate, validity=tok.grammar.validity, on_sample=on_sample, config=config, tokenizer=tok,
+                                          memorisation=_memorisation_check(config, corpus, tok) if main else None)
         if main: callbacks.append(HistoryCSV(run_dir/HISTORY_FILE, append=bool(resume)))
         seed_everything(config.seed)
         learn = lm_learner(dls, tok, model=config.model, optim=config.optim, cbs=[*callbacks, *(cbs or [])], path=run_dir, config=config, progress=progress)
