@@ -12,9 +12,9 @@ __all__ = ['AUDIO_SUFFIXES', 'FALLBACK_SUFFIXES', 'RESAMPLE_QUALITY', 'WRITE_FOR
            'save_audio', 'AudioFileStatus', 'AudioFolderReport', 'check_audio_folder', 'as_batch', 'stft',
            'spectrogram', 'mel_filters', 'mel_spectrogram', 'power_to_db', 'log_mel', 'chroma_filters', 'chroma',
            'PitchTrack', 'yin_cmnd', 'parabolic_shifts', 'troughs', 'pyin_probabilities', 'favour_lower_octave',
-           'viterbi_voicing', 'track_pitch', 'ticks_to_seconds', 'midi_to_hz', 'midi_f0', 'find_soundfont',
-           'find_fluidsynth', 'synthesize_sine', 'render_midi', 'render_music', 'write_pitch_csv', 'plot_waveform',
-           'plot_spectrogram', 'plot_pitch']
+           'transition_width', 'viterbi_voicing', 'track_pitch', 'ticks_to_seconds', 'midi_to_hz', 'midi_f0',
+           'find_soundfont', 'find_fluidsynth', 'synthesize_sine', 'render_midi', 'render_music', 'write_pitch_csv',
+           'plot_waveform', 'plot_spectrogram', 'plot_pitch']
 
 # %% ../nbs/03_audio.ipynb #0faf4720
 import functools
@@ -509,6 +509,15 @@ def favour_lower_octave(cmnd: torch.Tensor,  # `[R, K]` difference function per 
     dest = torch.where(move, target.gather(1, pick[:, None])[:, 0], cols)
     return torch.zeros_like(probs).index_put_((rows, dest), probs[rows, cols], accumulate=True)
 
+def transition_width(max_transition_rate: float,  # fastest pitch change, octaves per second
+                     *,
+                     sr: int,  # sample rate in Hz
+                     hop_length: int,  # samples between frames
+                     bins_per_semitone: int,  # pitch bins per semitone
+                     ) -> int:
+    "Width in bins of the pitch transition band: the bins reachable in one hop at `max_transition_rate`, either side, plus the bin itself."
+    return 2 * round(max_transition_rate * 12 * bins_per_semitone * hop_length / sr) + 1
+
 @functools.lru_cache(maxsize=None)
 def _log_transition_band(n_bins: int, width: int) -> np.ndarray:
     "log P(bin j | bin i) of librosa's triangular local transition, as a band `[target j, offset]` (source i = j - width//2 + offset)."
@@ -679,7 +688,7 @@ def track_pitch(y,  # audio `[T]` or `[B, T]` (numpy or torch; computed on its d
     floor = torch.finfo(x.dtype).tiny
     log_voiced = obs_voiced.clamp_min(floor).log()
     log_unvoiced = ((1 - voiced_prob) / n_bins).clamp_min(floor).log()
-    width = round(max_transition_rate * 12 * hop_length / sr) * bins_per_semitone + 1
+    width = transition_width(max_transition_rate, sr=sr, hop_length=hop_length, bins_per_semitone=bins_per_semitone)
     band = torch.as_tensor(_log_transition_band(n_bins, width), dtype=x.dtype, device=x.device)
     voiced_np, bins_np = viterbi_voicing(log_voiced, log_unvoiced, band, switch_prob=switch_prob, engine=engine)
     voiced, bins = torch.from_numpy(voiced_np).to(x.device), torch.from_numpy(bins_np).to(x.device)
