@@ -161,16 +161,22 @@ def main():
         results[m] = out
         speed[m] = (len(ys[0]) / SR / t_single, audio_s / t_batch, t_single, t_batch)
     # per-voice table
-    print(f"\n{'voice':<15}" + "".join(f"{m + ' RPA':>11}{m + ' RCA':>11}{m + ' VR':>10}" for m in methods))
+    print(f"\n{'voice':<15}{'frames':>8}" + "".join(f"{m + ' RPA':>12}{m + ' RCA':>12}{m + ' VR':>10}" for m in methods))
+    rpa_of = {}
     for v in voices:
         idx = [i for i, c in enumerate(clips) if c["voice"] == v]
-        row = f"{v:<15}"
+        row = ""
         for m in methods:
             s = [score(*results[m][i], clips[i]["ref"], clips[i]["ref_voiced"]) for i in idx]
             w = np.array([x["frames"] for x in s], float)
             agg = {k: float(np.average([x[k] for x in s], weights=w)) for k in ("rpa", "rca", "vr")}
-            row += f"{agg['rpa']:>11.3f}{agg['rca']:>11.3f}{agg['vr']:>10.3f}"
-        print(row)
+            rpa_of[v, m] = (agg["rpa"], int(w.sum()))
+            row += f"{agg['rpa']:>12.4f}{agg['rca']:>12.4f}{agg['vr']:>10.3f}"
+        print(f"{v:<15}{int(w.sum()):>8}" + row)
+    if {"kelly", "pyin"} <= set(methods):  # the target: kelly's RPA at least pyin's on every voice, in frames
+        gaps = {v: round((rpa_of[v, "kelly"][0] - rpa_of[v, "pyin"][0]) * rpa_of[v, "kelly"][1]) for v in voices}
+        print("kelly - pyin, voiced frames within 50 cents: " + ", ".join(f"{v} {g:+d}" for v, g in gaps.items())
+              + ("  (kelly >= pyin on every voice)" if all(g >= 0 for g in gaps.values()) else "  (kelly below pyin on some voice)"))
     print(f"\n{'method':<8}{'1 clip s':>10}{'1 clip xRT':>12}{f'{len(ys)} clips s':>14}{'batch xRT':>11}{'vs pyin (1)':>13}{'vs pyin (batch)':>17}")
     for m in methods:
         x1, xb, t1, tb = speed[m]

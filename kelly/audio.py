@@ -6,15 +6,15 @@
 __all__ = ['AUDIO_SUFFIXES', 'FALLBACK_SUFFIXES', 'RESAMPLE_QUALITY', 'WRITE_FORMATS', 'DEFAULT_SUBTYPE', 'N_FFT', 'N_MELS',
            'N_CHROMA', 'TOP_DB', 'AMIN', 'PITCH_FMIN', 'PITCH_FMAX', 'PITCH_FRAME', 'PITCH_HOP', 'N_THRESHOLDS',
            'BETA_PARAMETERS', 'BOLTZMANN', 'RESOLUTION', 'MAX_TRANSITION_RATE', 'SWITCH_PROB', 'NO_TROUGH_PROB',
-           'OCTAVE_RATIO', 'OCTAVE_MARGIN', 'OCTAVE_SPREAD', 'MAX_TROUGHS', 'SOUNDFONT_ENV', 'SOUNDFONT_PATHS',
-           'INSTALL_HINT', 'RENDER_SR', 'FLUIDSYNTH_GAIN', 'RENDER_TIMEOUT_S', 'SYNTHS', 'SINE_RAMP_S', 'SINE_PEAK',
-           'PITCH_CSV_HEADER', 'SPEC_N_FFT', 'SPEC_TOP_DB', 'PLOT_DPI', 'AudioError', 'resample', 'load_audio',
-           'save_audio', 'AudioFileStatus', 'AudioFolderReport', 'check_audio_folder', 'as_batch', 'stft',
-           'spectrogram', 'mel_filters', 'mel_spectrogram', 'power_to_db', 'log_mel', 'chroma_filters', 'chroma',
-           'PitchTrack', 'yin_cmnd', 'parabolic_shifts', 'troughs', 'pyin_probabilities', 'favour_lower_octave',
-           'viterbi_voicing', 'track_pitch', 'ticks_to_seconds', 'midi_to_hz', 'midi_f0', 'find_soundfont',
-           'find_fluidsynth', 'synthesize_sine', 'render_midi', 'render_music', 'write_pitch_csv', 'plot_waveform',
-           'plot_spectrogram', 'plot_pitch']
+           'OCTAVE_RATIO', 'OCTAVE_MARGIN', 'OCTAVE_SPREAD', 'OCTAVE_TIE_RATIO', 'MAX_TROUGHS', 'SOUNDFONT_ENV',
+           'SOUNDFONT_PATHS', 'INSTALL_HINT', 'RENDER_SR', 'FLUIDSYNTH_GAIN', 'RENDER_TIMEOUT_S', 'SYNTHS',
+           'SINE_RAMP_S', 'SINE_PEAK', 'PITCH_CSV_HEADER', 'SPEC_N_FFT', 'SPEC_TOP_DB', 'PLOT_DPI', 'AudioError',
+           'resample', 'load_audio', 'save_audio', 'AudioFileStatus', 'AudioFolderReport', 'check_audio_folder',
+           'as_batch', 'stft', 'spectrogram', 'mel_filters', 'mel_spectrogram', 'power_to_db', 'log_mel',
+           'chroma_filters', 'chroma', 'PitchTrack', 'yin_cmnd', 'parabolic_shifts', 'troughs', 'pyin_probabilities',
+           'favour_lower_octave', 'tie_lower_octave', 'transition_width', 'viterbi_voicing', 'track_pitch',
+           'ticks_to_seconds', 'midi_to_hz', 'midi_f0', 'find_soundfont', 'find_fluidsynth', 'synthesize_sine',
+           'render_midi', 'render_music', 'write_pitch_csv', 'plot_waveform', 'plot_spectrogram', 'plot_pitch']
 
 # %% ../nbs/03_audio.ipynb #0faf4720
 import functools
@@ -391,6 +391,7 @@ NO_TROUGH_PROB = 0.01  # share of a threshold's weight given to the deepest trou
 OCTAVE_RATIO = 0.6  # a candidate's weight moves to the trough near twice its period when d' there is below this share of its own
 OCTAVE_MARGIN = 0.05  # ... and lower by at least this much (two near-zero troughs of a clean tone never trade places)
 OCTAVE_SPREAD = 2  # lags searched either side of twice a candidate's period
+OCTAVE_TIE_RATIO = 1.0  # the trough near twice a candidate's period gets the candidate's weight too when d' there is below this share of its own
 MAX_TROUGHS = 32  # candidates per frame (in period order) that share a threshold's weight; later ones get e^-64 of it
 _ROWS_PER_CHUNK = 8192  # frames processed together in the difference/probability stage (bounds memory)
 
@@ -486,6 +487,18 @@ def pyin_probabilities(cmnd: torch.Tensor,  # `[R, K]` difference function per f
     probs.scatter_add_(1, deepest, bonus * is_trough.any(dim=1, keepdim=True))
     return probs[:, :K]
 
+def _trough_near_double(cmnd: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, min_period: int, spread: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    "For candidates (rows, cols): the lowest `d'` among the troughs within `spread` lags of twice each period (inf if none), and its column."
+    K = cmnd.shape[1]
+    target = (2 * (cols + min_period) - min_period)[:, None] + torch.arange(-spread, spread + 1, device=cmnd.device)
+    inside = (target >= 0) & (target < K)
+    target = target.clamp(0, K - 1)
+    usable = inside & troughs(cmnd)[rows[:, None], target]
+    level = torch.where(usable, cmnd[rows[:, None], target], torch.full(target.shape, math.inf, device=cmnd.device, dtype=cmnd.dtype))
+    lowest, pick = level.min(dim=1)
+    return lowest, target.gather(1, pick[:, None])[:, 0]
+
 def favour_lower_octave(cmnd: torch.Tensor,  # `[R, K]` difference function per frame (lags min_period..)
                         probs: torch.Tensor,  # `[R, K]` period probabilities from `pyin_probabilities`
                         min_period: int,  # the lag of column 0
@@ -495,19 +508,38 @@ def favour_lower_octave(cmnd: torch.Tensor,  # `[R, K]` difference function per 
                         spread: int = OCTAVE_SPREAD,  # lags searched either side of twice the period
                         ) -> torch.Tensor:
     "`probs` with each candidate's weight moved to the trough near twice its period when that trough is clearly deeper (an octave-error guard pYIN lacks)."
-    R, K = cmnd.shape
     rows, cols = probs.nonzero(as_tuple=True)
     if len(rows) == 0: return probs
-    target = (2 * (cols + min_period) - min_period)[:, None] + torch.arange(-spread, spread + 1, device=cmnd.device)
-    inside = (target >= 0) & (target < K)
-    target = target.clamp(0, K - 1)
-    usable = inside & troughs(cmnd)[rows[:, None], target]
-    level = torch.where(usable, cmnd[rows[:, None], target], torch.full(target.shape, math.inf, device=cmnd.device, dtype=cmnd.dtype))
-    deeper, pick = level.min(dim=1)
+    deeper, dest = _trough_near_double(cmnd, rows, cols, min_period, spread)
     own = cmnd[rows, cols]
     move = (deeper < ratio * own) & (own - deeper > margin)
-    dest = torch.where(move, target.gather(1, pick[:, None])[:, 0], cols)
+    dest = torch.where(move, dest, cols)
     return torch.zeros_like(probs).index_put_((rows, dest), probs[rows, cols], accumulate=True)
+
+def tie_lower_octave(cmnd: torch.Tensor,  # `[R, K]` difference function per frame (lags min_period..)
+                     probs: torch.Tensor,  # `[R, K]` period probabilities (after `favour_lower_octave`)
+                     min_period: int,  # the lag of column 0
+                     *,
+                     ratio: float = OCTAVE_TIE_RATIO,  # tie when d' near twice the period is below `ratio` times the candidate's
+                     spread: int = OCTAVE_SPREAD,  # lags searched either side of twice the period
+                     ) -> torch.Tensor:
+    "Observation weights `[R, K]`: `probs`, with the trough near twice a candidate's period raised to the candidate's weight when `d'` there is lower (the frame cannot tell the two octaves apart)."
+    rows, cols = probs.nonzero(as_tuple=True)
+    if len(rows) == 0: return probs
+    lowest, dest = _trough_near_double(cmnd, rows, cols, min_period, spread)
+    tie = lowest < ratio * cmnd[rows, cols]  # strict: the exact zeros of a synthetic tone at every multiple of its period never tie
+    out = probs.clone()
+    out.view(-1).scatter_reduce_(0, rows[tie] * probs.shape[1] + dest[tie], probs[rows[tie], cols[tie]], "amax")
+    return out
+
+def transition_width(max_transition_rate: float,  # fastest pitch change, octaves per second
+                     *,
+                     sr: int,  # sample rate in Hz
+                     hop_length: int,  # samples between frames
+                     bins_per_semitone: int,  # pitch bins per semitone
+                     ) -> int:
+    "Width in bins of the pitch transition band: the bins reachable in one hop at `max_transition_rate`, either side, plus the bin itself."
+    return 2 * round(max_transition_rate * 12 * bins_per_semitone * hop_length / sr) + 1
 
 @functools.lru_cache(maxsize=None)
 def _log_transition_band(n_bins: int, width: int) -> np.ndarray:
@@ -647,6 +679,8 @@ def track_pitch(y,  # audio `[T]` or `[B, T]` (numpy or torch; computed on its d
                 boltzmann: float = BOLTZMANN,  # Boltzmann prior over troughs
                 no_trough_prob: float = NO_TROUGH_PROB,  # weight to the deepest trough when none is below a threshold
                 octave_ratio: float | None = OCTAVE_RATIO,  # `favour_lower_octave`'s ratio; None: pYIN's probabilities unchanged
+                octave_tie_ratio: float | None = OCTAVE_TIE_RATIO,  # `tie_lower_octave`'s ratio; None: no octave ties
+                refine: bool = False,  # f0 from the nearest candidate's interpolated period instead of the decoded bin's centre
                 engine: str = "auto",  # Viterbi engine: "auto" (numba on the CPU, torch elsewhere), "numba" or "torch"
                 ) -> PitchTrack:
     "f0, voicing and voicing probability per frame for a batch of clips: pYIN with a banded, batched Viterbi."
@@ -662,32 +696,35 @@ def track_pitch(y,  # audio `[T]` or `[B, T]` (numpy or torch; computed on its d
     rows = frames.reshape(B * N, frame_length)
     bins_per_semitone = int(np.ceil(1.0 / resolution))
     n_bins = int(np.floor(12 * bins_per_semitone * np.log2(fmax / fmin))) + 1
-    probs, f0s = [], []
+    probs, weights, f0s = [], [], []  # per chunk: period probabilities (voicing), observation weights (pitch), candidate f0s
     for r in range(0, B * N, _ROWS_PER_CHUNK):
         cmnd = yin_cmnd(rows[r:r + _ROWS_PER_CHUNK], min_period, max_period)
         p = pyin_probabilities(cmnd, n_thresholds=n_thresholds, beta_parameters=beta_parameters,
                                boltzmann=boltzmann, no_trough_prob=no_trough_prob)
-        probs.append(p if octave_ratio is None else favour_lower_octave(cmnd, p, min_period, ratio=octave_ratio))
+        if octave_ratio is not None: p = favour_lower_octave(cmnd, p, min_period, ratio=octave_ratio)
+        probs.append(p)
+        weights.append(p if octave_tie_ratio is None else tie_lower_octave(cmnd, p, min_period, ratio=octave_tie_ratio))
         periods = min_period + torch.arange(cmnd.shape[1], device=x.device, dtype=x.dtype) + parabolic_shifts(cmnd)
         f0s.append(sr / periods)
-    prob, f0_cand = torch.cat(probs).reshape(B, N, -1), torch.cat(f0s).reshape(B, N, -1)
+    prob, weight, f0_cand = (torch.cat(t).reshape(B, N, -1) for t in (probs, weights, f0s))
     cand_bin = torch.round(12 * bins_per_semitone * torch.log2(f0_cand / fmin)).clamp_min(0).long()
-    prob = torch.where(cand_bin < n_bins, prob, torch.zeros_like(prob))  # candidates above fmax are dropped, as in librosa
+    below_fmax = cand_bin < n_bins  # candidates above fmax are dropped, as in librosa
+    voiced_prob = torch.where(below_fmax, prob, torch.zeros_like(prob)).sum(-1).clamp(0, 1)
+    weight = torch.where(below_fmax, weight, torch.zeros_like(weight))
     cand_bin = cand_bin.clamp_max(n_bins - 1)
-    obs_voiced = torch.zeros(B, N, n_bins, device=x.device, dtype=x.dtype).scatter_add_(2, cand_bin, prob)
-    voiced_prob = obs_voiced.sum(-1).clamp(0, 1)
+    obs_voiced = torch.zeros(B, N, n_bins, device=x.device, dtype=x.dtype).scatter_add_(2, cand_bin, weight)
     floor = torch.finfo(x.dtype).tiny
     log_voiced = obs_voiced.clamp_min(floor).log()
     log_unvoiced = ((1 - voiced_prob) / n_bins).clamp_min(floor).log()
-    width = round(max_transition_rate * 12 * hop_length / sr) * bins_per_semitone + 1
+    width = transition_width(max_transition_rate, sr=sr, hop_length=hop_length, bins_per_semitone=bins_per_semitone)
     band = torch.as_tensor(_log_transition_band(n_bins, width), dtype=x.dtype, device=x.device)
     voiced_np, bins_np = viterbi_voicing(log_voiced, log_unvoiced, band, switch_prob=switch_prob, engine=engine)
     voiced, bins = torch.from_numpy(voiced_np).to(x.device), torch.from_numpy(bins_np).to(x.device)
-    # refine: the candidate nearest the decoded bin gives the f0; the bin centre when none is within a semitone
-    dist = torch.where(prob > 0, (cand_bin - bins[..., None]).abs(), torch.full_like(cand_bin, 1 << 30))
-    near, pick = dist.min(dim=-1)
-    bin_hz = fmin * 2 ** (bins.to(x.dtype) / (12 * bins_per_semitone))
-    f0 = torch.where(near <= bins_per_semitone, f0_cand.gather(2, pick[..., None])[..., 0], bin_hz)
+    f0 = fmin * 2 ** (bins.to(x.dtype) / (12 * bins_per_semitone))  # the decoded bin's centre, as librosa.pyin
+    if refine:  # the candidate nearest the decoded bin gives the f0; the bin centre when none is within a semitone
+        dist = torch.where(weight > 0, (cand_bin - bins[..., None]).abs(), torch.full_like(cand_bin, 1 << 30))
+        near, pick = dist.min(dim=-1)
+        f0 = torch.where(near <= bins_per_semitone, f0_cand.gather(2, pick[..., None])[..., 0], f0)
     f0 = torch.where(voiced, f0, torch.full_like(f0, math.nan))
     times = (torch.arange(N, device=x.device, dtype=torch.float64) * hop_length + (0 if center else frame_length / 2)) / sr
     if single: f0, voiced, voiced_prob = f0[0], voiced[0], voiced_prob[0]
