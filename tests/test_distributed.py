@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tool
+from kelly.core import quoted
 
 SCRIPT = str(ROOT/"tests"/"tiny_train.py")
 RUN_TIMEOUT_S = 300
@@ -103,7 +104,7 @@ def test_two_processes_resume_exactly(runs, tmp_path):
             (ck/p.name).write_bytes(p.read_bytes()); sidecar_path(ck/p.name).write_bytes(sidecar_path(p).read_bytes())
     r = _run([tool("torchrun"), "--standalone", "--nproc_per_node=2", SCRIPT, "--distributed", "--resume",
               "--dir", str(ck), "--report", str(tmp_path/"r"), "--weights", str(tmp_path/"w.pt"), *COMMON])
-    assert f"resuming from {ck/'step-000000010.pt'}" in r.stderr
+    assert f"resuming from {quoted(ck/'step-000000010.pt')}" in r.stderr
     assert [_report(tmp_path/"r", k)["resumed_from"] for k in (0, 1)] == ["step-000000010.pt"] * 2
     w2, w3 = torch.load(t/"w2.pt", weights_only=True), torch.load(tmp_path/"w.pt", weights_only=True)
     for k in w2: assert torch.equal(w2[k], w3[k]), k

@@ -17,6 +17,7 @@ import torch
 
 from conftest import ROOT
 from kelly.checkpoints import list_checkpoints
+from kelly.core import quoted
 
 SCRIPT = str(ROOT/"tests"/"tiny_train.py")
 RUN_TIMEOUT_S = 300
@@ -81,7 +82,7 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path, uninterrupted, ki
     assert not report.exists()                                       # it really died before finishing
     assert list_checkpoints(ck)[-1].name == resume_from             # the newest checkpoint before the kill
     log = _run(["--dir", str(ck), "--report", str(report), "--resume", "--weights", str(tmp_path/"w.pt"), *COMMON], tmp_path/"log_c.txt")
-    assert f"resuming from {ck/resume_from}" in log
+    assert f"resuming from {quoted(ck/resume_from)}" in log
     rep = json.loads((report/"rank0.json").read_text())
     assert rep["resumed_from"] == resume_from and rep["train_iter"] == 24
     resumed = torch.load(tmp_path/"w.pt", weights_only=True)
@@ -100,7 +101,7 @@ def test_resume_skips_a_checkpoint_cut_short_by_the_kill(tmp_path, uninterrupted
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     log = _run(["--dir", str(ck), "--report", str(tmp_path/"r"), "--resume", "--weights", str(tmp_path/"w.pt"), *COMMON], tmp_path/"log_c.txt")
     assert "skipping checkpoint step-000000020.pt" in log and "SHA-256 mismatch" in log
-    assert f"resuming from {ck/'step-000000016-end.pt'}" in log
+    assert f"resuming from {quoted(ck/'step-000000016-end.pt')}" in log
     resumed = torch.load(tmp_path/"w.pt", weights_only=True)
     for k in uninterrupted: assert torch.equal(resumed[k], uninterrupted[k])
 
@@ -116,7 +117,7 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write(tmp_path, uninterrupted):
     assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")      # half a file, under a temp name only
     assert list_checkpoints(ck)[-1].name == "step-000000016-end.pt"
     log = _run(["--dir", str(ck), "--report", str(tmp_path/"r"), "--resume", "--weights", str(tmp_path/"w.pt"), *COMMON], tmp_path/"log_c.txt")
-    assert "removed 1 unfinished checkpoint write(s)" in log and f"resuming from {ck/'step-000000016-end.pt'}" in log
+    assert "removed 1 unfinished checkpoint write(s)" in log and f"resuming from {quoted(ck/'step-000000016-end.pt')}" in log
     assert not [p for p in ck.iterdir() if p.name.endswith(".tmp")]
     resumed = torch.load(tmp_path/"w.pt", weights_only=True)
     for k in uninterrupted: assert torch.equal(resumed[k], uninterrupted[k])

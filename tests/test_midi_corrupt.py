@@ -18,6 +18,7 @@ import symusic
 from kelly.midi import (MidiError, Music, _scan_track, _scan_track_py, load_midi, parse_midi, repair, save_midi,
                         scan_midi)
 from kelly.test_utils import synthetic_piano_midi, synthetic_pop_midi
+from kelly.core import quoted
 
 PRIMITIVE = sorted((Path(music21.__file__).parent/"midi"/"testPrimitive").glob("*.mid"))
 N_FLIPS_PER_FILE = 150  # 21 files x 150 = 3,150 flipped files
@@ -44,7 +45,7 @@ def _load_or_midierror(data: bytes, name: str):
     try:
         return parse_midi(data, name)
     except MidiError as e:
-        assert str(e).startswith(name + ":"), str(e)
+        assert str(e).startswith(quoted(name) + ":"), str(e)
         return None
 
 
