@@ -3,9 +3,14 @@
 Both quantizers: 8 codebooks x 1024 codes, EMA decay 0.99, k-means init (10 iterations) on the first batch, dead-code
 reset at 2 hits per step (vector-quantize-pytorch: `threshold_ema_dead_code=2`, rotation trick on; kelly: the same
 threshold written as a share of the expected hits, `dead_share = 2 * 1024 / vectors per step`), commitment weight 1,
-no quantizer dropout. Data: `--batch` crops of `--frames` frames of log-mel features of the recording music21 ships
-(64 bands, hop 64, standardised), projected to `--dim` dimensions by a fixed random matrix: a `[16, 300, 128]` batch
-by default, a new random set of crops at every step, the same for both.
+no quantizer dropout. Data: `--batch` crops of `--frames` frames of standardised log-mel features (64 bands, hop 64),
+projected to `--dim` dimensions by a fixed random matrix: a `[16, 300, 128]` batch by default, a new random set of
+crops at every step, the same for both. Two sources (`--data`, both by default):
+- `clip`: the one recording music21 ships (about 50 s). Crops of one short clip overlap, so a batch repeats frames
+  exactly (27% of the vectors of a batch are copies); a codebook that fits its centroids exactly then leaves exact-zero
+  residuals for the next codebook.
+- `chorales`: the first `--pieces` Bach chorales of kelly's rendered corpus, the codec's own training data (rendered
+  with FluidSynth on first use, about 2.5 minutes for the whole corpus).
 
 A training step is forward + backward of `mean(quantized^2) + commitment loss` with respect to the input. The two
 libraries alternate step by step (so a change in machine load hits both), the first step (k-means) is reported
@@ -15,7 +20,8 @@ codes used per codebook) and the relative quantization error are measured on one
 vector-quantize-pytorch is a benchmark-only dependency, not in kelly's extras (it brings einx, einops and loguru):
 `pip install vector-quantize-pytorch==1.32.0` (the version measured).
 
-Usage: python bench/bench_quantizer.py [--steps 20] [--threads 2] [--batch 16] [--frames 300] [--dim 128] [--seed 0]
+Usage: python bench/bench_quantizer.py [--data both|clip|chorales] [--pieces 40] [--steps 20] [--threads 2] [--batch 16]
+       [--frames 300] [--dim 128] [--seed 0]
 """
 import argparse
 import statistics
@@ -33,13 +39,27 @@ from kelly.quantizer import QuantizerConfig, ResidualVQ  # noqa: E402
 N_CODEBOOKS, CODEBOOK_SIZE, DECAY, KMEANS_ITERS, DEAD_HITS = 8, 1024, 0.99, 10, 2.0   # EnCodec's settings
 
 
-def features(dim: int) -> torch.Tensor:
-    "Standardised 64-band log-mel frames (hop 64 at 16 kHz) of music21's recording, projected to `dim`: [n_frames, dim]."
-    import music21
-    y, sr = load_audio(Path(music21.__file__).parent/"audioSearch"/"test_audio.wav", sr=16000)
-    m = log_mel(y, sr=sr, n_fft=1024, hop_length=64, n_mels=64).float()
+SAMPLE_RATE, N_FFT, HOP, N_MELS = 16000, 1024, 64, 64   # the log-mel features quantized
+
+
+def recordings(data: str, pieces: int) -> list[Path]:
+    "The audio files of one data source: music21's recording (`clip`) or the first `pieces` rendered chorales."
+    if data == "clip":
+        import music21
+        return [Path(music21.__file__).parent/"audioSearch"/"test_audio.wav"]
+    from kelly.audio_datasets import bach_chorales_audio
+    return sorted(p for p in Path(bach_chorales_audio(progress=False)).iterdir() if p.suffix == ".flac")[:pieces]
+
+
+def features(dim: int, files: list[Path]) -> torch.Tensor:
+    "Standardised 64-band log-mel frames (hop 64 at 16 kHz) of `files`, end to end, projected to `dim`: [n_frames, dim]."
+    mels = []
+    for f in files:
+        y, sr = load_audio(f, sr=SAMPLE_RATE)
+        mels.append(log_mel(y, sr=sr, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS).float())
+    m = torch.cat(mels, 1)
     m = (m - m.mean(1, keepdim=True)) / m.std(1, keepdim=True)
-    proj = torch.randn(dim, 64, generator=torch.Generator().manual_seed(1234)) / 8
+    proj = torch.randn(dim, N_MELS, generator=torch.Generator().manual_seed(1234)) / 8
     return (proj @ m).t().contiguous()
 
 
@@ -56,6 +76,8 @@ def usage(codes):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", choices=("both", "clip", "chorales"), default="both", help="feature source(s), see above")
+    ap.add_argument("--pieces", type=int, default=40, help="chorales: how many rendered chorales")
     ap.add_argument("--steps", type=int, default=20, help="training steps of each quantizer (the first one runs k-means)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--batch", type=int, default=16)
@@ -65,13 +87,19 @@ def main():
     args = ap.parse_args()
     try:
         from vector_quantize_pytorch import ResidualVQ as LucidRVQ
-        import vector_quantize_pytorch
     except ImportError:
         sys.exit("bench_quantizer.py compares against vector-quantize-pytorch, which is not installed: "
                  "pip install vector-quantize-pytorch==1.32.0")
-    from importlib.metadata import version
     torch.set_num_threads(args.threads)
-    feats = features(args.dim)
+    for data in (("clip", "chorales") if args.data == "both" else (args.data,)):
+        compare(args, data, LucidRVQ)
+
+
+def compare(args, data: str, LucidRVQ):
+    "Train both quantizers side by side on one data source and print their speed, usage and error."
+    from importlib.metadata import version
+    files = recordings(data, args.pieces)
+    feats = features(args.dim, files)
     n_vectors = args.batch * args.frames
     torch.manual_seed(args.seed)
     kelly = ResidualVQ(QuantizerConfig(dim=args.dim, n_codebooks=N_CODEBOOKS, codebook_size=CODEBOOK_SIZE, decay=DECAY,
@@ -111,7 +139,8 @@ def main():
     res = {"kelly": (usage(k_codes), float((k_rec - held_out).pow(2).sum()) / energy),
            "vector-quantize-pytorch": (usage(l_codes), float((l_rec - held_out).pow(2).sum()) / energy)}
 
-    print(f"batch [{args.batch}, {args.frames}, {args.dim}] ({n_vectors} vectors), {N_CODEBOOKS} codebooks x {CODEBOOK_SIZE}, "
+    print(f"\n{data}: {len(files)} recording(s), {len(feats)} frames; "
+          f"batch [{args.batch}, {args.frames}, {args.dim}] ({n_vectors} vectors), {N_CODEBOOKS} codebooks x {CODEBOOK_SIZE}, "
           f"decay {DECAY}, k-means {KMEANS_ITERS} iters, dead-code threshold {DEAD_HITS:g} hits/step; "
           f"{args.steps} steps, torch {torch.__version__}, {args.threads} threads, "
           f"vector-quantize-pytorch {version('vector-quantize-pytorch')}")
