@@ -36,7 +36,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from .core import KellyError, atomic_write, get_logger, not_a_file, quoted
+from .core import KellyError, atomic_write, get_logger, not_a_file, quoted, umask_mode
 from .midi import DEFAULT_QPM, Music, MidiError, load_midi, save_midi
 
 # %% ../nbs/03_audio.ipynb #33c70eb9
@@ -859,8 +859,7 @@ def render_midi(midi_path: str | os.PathLike,  # the MIDI file to play
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".render.wav", dir=out_path.parent)
     os.close(fd)
     tmp = Path(tmp)
-    mask = os.umask(0); os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the mode `open` would
+    os.chmod(tmp, umask_mode())  # mkstemp makes 0600; give the mode `open` would
     try:
         _run_fluidsynth(midi_path, tmp, font, sample_rate, reverb, chorus, gain, timeout_s)
         _check_rendered(tmp, midi_path)

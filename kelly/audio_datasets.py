@@ -32,7 +32,7 @@ from .tokenizer import MIDI_SUFFIXES, default_workers
 from .audio import (AUDIO_SUFFIXES, FLUIDSYNTH_GAIN, RENDER_SR, RESAMPLE_QUALITY, AudioError, find_fluidsynth,
                          find_soundfont, load_audio, render_midi, save_audio)
 # the token datasets' building blocks, shared rather than copied (the underscored ones are that module's helpers)
-from .datasets import (BACH_MANIFEST, CorpusFile, CounterRNG, DatasetError, WindowLoader, bach_chorales, reuse_or_build,
+from .datasets import (BACH_MANIFEST, CorpusFile, CounterRNG, DatasetError, WindowLoader, bach_chorales, global_batch_shard, reuse_or_build,
                             cache_damaged, cache_manifest, cache_offsets, check_cache_file,
                             corpus_key, split_by_piece, _check_index, _folder_lock, _progress,
                             _read_json, _write_offsets)
@@ -604,12 +604,7 @@ class SlidingCrops(AudioWindows):
 # %% ../nbs/04a_audio_datasets.ipynb #206cf310
 def _shard(ds: AudioWindows, rank: int, world_size: int, bs: int) -> np.ndarray:
     "Crop indices of one rank, equal counts on every rank: training takes block `rank` of each global batch (remainder dropped), validation interleaves and wraps around."
-    n = len(ds)
-    if isinstance(ds, RandomCrops):
-        per_step = world_size * bs
-        return np.arange(n - n % per_step, dtype=np.int64).reshape(-1, world_size, bs)[:, rank].reshape(-1)
-    padded = -(-n // world_size) * world_size
-    return np.arange(rank, padded, world_size, dtype=np.int64) % n
+    return global_batch_shard(len(ds), rank, world_size, bs, train=isinstance(ds, RandomCrops))
 
 class AudioLoader(WindowLoader):
     "A fastai `DataLoader` over `RandomCrops`/`SlidingCrops` with explicit epoch, position and rank shard (a `WindowLoader`)."

@@ -10,7 +10,7 @@ __all__ = ['logger', 'BACH_SOURCE_DIR', 'BACH_SOURCE_SUFFIXES', 'BACH_FOLDER', '
            'CorpusFile', 'MidiCorpus', 'split_by_piece', 'token_dtype', 'corpus_file_index', 'corpus_key',
            'default_cache_folder', 'TokenCache', 'reuse_or_build', 'cache_manifest', 'cache_damaged',
            'check_cache_file', 'cache_offsets', 'CounterRNG', 'TokenWindows', 'AugmentConfig', 'Augmentation',
-           'RandomWindows', 'SlidingWindows', 'WindowLoader', 'LMDataConfig', 'lm_dataloaders']
+           'RandomWindows', 'SlidingWindows', 'WindowLoader', 'global_batch_shard', 'LMDataConfig', 'lm_dataloaders']
 
 # %% ../nbs/04_datasets.ipynb #11d6f4dc
 import dataclasses
@@ -867,6 +867,20 @@ def _shard(ds: TokenWindows, rank: int, world_size: int) -> np.ndarray:
     "Window indices of one rank, interleaved, equal counts on every rank: training drops the remainder, validation wraps around."
     n = len(ds)
     if isinstance(ds, RandomWindows): return np.arange(rank, n - n % world_size, world_size, dtype=np.int64)
+    padded = -(-n // world_size) * world_size if n else 0
+    return np.arange(rank, padded, world_size, dtype=np.int64) % max(n, 1)
+
+# %% ../nbs/04_datasets.ipynb #cc0daa08
+def global_batch_shard(n: int,  # items in the dataset (crops or windows of one epoch)
+                       rank: int,  # this process' rank
+                       world_size: int,  # processes sharing the data
+                       bs: int,  # items per batch, per rank
+                       train: bool,  # training items (blocks of each global batch) or validation items (interleaved)
+                       ) -> np.ndarray:
+    "Item indices of one rank, equal counts on every rank: training takes block `rank` of each global batch of `world_size × bs` items (remainder dropped), validation interleaves and wraps around."
+    if train:
+        per_step = world_size * bs
+        return np.arange(n - n % per_step, dtype=np.int64).reshape(-1, world_size, bs)[:, rank].reshape(-1)
     padded = -(-n // world_size) * world_size if n else 0
     return np.arange(rank, padded, world_size, dtype=np.int64) % max(n, 1)
 

@@ -37,7 +37,7 @@ from fastcore.basics import noop
 
 from .core import Config, ConfigError, KellyError, check_training_memory, kelly_path, pick_device, seed_everything, sha256_file, umask_mode, write_json, quoted
 from .audio import plot_spectrogram, save_audio
-from .datasets import CounterRNG, DatasetError, WindowLoader, _folder_lock, split_by_piece
+from .datasets import CounterRNG, DatasetError, WindowLoader, _folder_lock, global_batch_shard, split_by_piece
 from .audio_datasets import AudioCache, bach_chorales_audio
 from .codec import Codec
 from .prior import CodePattern, CodePrior, CodeCrossEntropy, PriorConfig
@@ -329,12 +329,7 @@ class SlidingCodeWindows(CodeWindows):
 
 def _shard(ds: CodeWindows, rank: int, world_size: int, bs: int) -> np.ndarray:
     "Window indices of one rank: training takes block `rank` of each global batch (so N ranks see the one-process batch), validation interleaves."
-    n = len(ds)
-    if isinstance(ds, RandomCodeWindows):
-        per_step = world_size * bs
-        return np.arange(n - n % per_step, dtype=np.int64).reshape(-1, world_size, bs)[:, rank].reshape(-1)
-    padded = -(-n // world_size) * world_size
-    return np.arange(rank, padded, world_size, dtype=np.int64) % n
+    return global_batch_shard(len(ds), rank, world_size, bs, train=isinstance(ds, RandomCodeWindows))
 
 class CodeLoader(WindowLoader):
     "A fastai `DataLoader` over code windows with explicit epoch, position and rank shard (a `WindowLoader`)."
