@@ -94,7 +94,7 @@ def codec_learner(dls,  # `(x, x)` batches of audio `[B, T]`, e.g. from `audio_d
     return learn
 
 # %% ../nbs/12a_codec_trainer.ipynb #596c5cfd
-CODEC_JOB_STEPS = 900  # training steps of `kelly audio train` (0.55 s each on 2 CPU cores: about 8 minutes)
+CODEC_JOB_STEPS = 800  # training steps of `kelly audio train` (0.51 s each on 2 CPU cores: about 7 minutes; building and rendering the corpus on first use adds about 6)
 
 def _default_codec_data() -> AudioDataConfig: return AudioDataConfig(length=16000, bs=16, crops_per_epoch=16 * CODEC_JOB_STEPS, augment=None)
 def _default_codec_optim() -> OptimConfig: return OptimConfig(epochs=1, lr=2e-3, weight_decay=0.01, pct_start=0.05, div=10.0, div_final=100.0,
