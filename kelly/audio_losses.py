@@ -28,6 +28,13 @@ MEL_BANDS = (5, 10, 20, 40, 80, 160, 320)  # DAC's mel bands per window
 MEL_CLAMP = 1e-5  # DAC's magnitude floor before log10
 HOP_DIVISOR = 4  # hop = window / HOP_DIVISOR
 
+def _log_filtered(x: torch.Tensor, fb: torch.Tensor, window: torch.Tensor, clamp: float) -> torch.Tensor:
+    "log10 of the filterbank `fb` applied to the STFT magnitude of `x` (window length, hop = window / HOP_DIVISOR), floored at `clamp`."
+    w = len(window)
+    spec = torch.stft(x, w, w // HOP_DIVISOR, window=window, return_complex=True)
+    mag = (spec.real.square() + spec.imag.square()).clamp_min(clamp ** 2).sqrt()
+    return torch.log10((fb @ mag).clamp_min(clamp))
+
 class MultiScaleMelLoss(nn.Module):
     "Mean over scales of the L1 distance between log10 mel magnitudes of prediction and target `[B, T]`."
     def __init__(self, sample_rate: int,  # Hz
@@ -46,10 +53,7 @@ class MultiScaleMelLoss(nn.Module):
                 self.register_buffer(f"win{i}", torch.hann_window(w), persistent=False)
 
     def _log_mel(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        w = self.windows[i]
-        spec = torch.stft(x, w, w // HOP_DIVISOR, window=getattr(self, f"win{i}"), return_complex=True)
-        mag = (spec.real.square() + spec.imag.square()).clamp_min(self.clamp ** 2).sqrt()
-        return torch.log10((getattr(self, f"fb{i}") @ mag).clamp_min(self.clamp))
+        return _log_filtered(x, getattr(self, f"fb{i}"), getattr(self, f"win{i}"), self.clamp)
 
     def forward(self, pred: torch.Tensor,  # reconstruction `[B, T]`
                 target: torch.Tensor,  # original `[B, T]`
@@ -88,15 +92,13 @@ class SemitoneLoss(nn.Module):
                  clamp: float = MEL_CLAMP,  # magnitude floor before the log
                  ):
         super().__init__()
-        self.n_fft, self.clamp = n_fft, clamp
+        self.clamp = clamp
         self.register_buffer("fb", semitone_filters(sample_rate, n_fft, notes), persistent=False)
         self.register_buffer("win", torch.hann_window(n_fft), persistent=False)
 
     def log_bands(self, x: torch.Tensor) -> torch.Tensor:
         "log10 band magnitudes `[B, bands, frames]` of audio `[B, T]`."
-        spec = torch.stft(x.float(), self.n_fft, self.n_fft // HOP_DIVISOR, window=self.win, return_complex=True)
-        mag = (spec.real.square() + spec.imag.square()).clamp_min(self.clamp ** 2).sqrt()
-        return torch.log10((self.fb @ mag).clamp_min(self.clamp))
+        return _log_filtered(x.float(), self.fb, self.win, self.clamp)
 
     def forward(self, pred: torch.Tensor,  # reconstruction `[B, T]`
                 target: torch.Tensor,  # original `[B, T]`

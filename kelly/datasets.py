@@ -867,8 +867,7 @@ def _shard(ds: TokenWindows, rank: int, world_size: int) -> np.ndarray:
     "Window indices of one rank, interleaved, equal counts on every rank: training drops the remainder, validation wraps around."
     n = len(ds)
     if isinstance(ds, RandomWindows): return np.arange(rank, n - n % world_size, world_size, dtype=np.int64)
-    padded = -(-n // world_size) * world_size if n else 0
-    return np.arange(rank, padded, world_size, dtype=np.int64) % max(n, 1)
+    return global_batch_shard(n, rank, world_size, 1, train=False)   # validation: the batch size plays no part
 
 # %% ../nbs/04_datasets.ipynb #cc0daa08
 def global_batch_shard(n: int,  # items in the dataset (crops or windows of one epoch)
