@@ -2,7 +2,7 @@
 
 Speed: `kelly.samplers.stream` with each `backend`, the CLI's settings (grammar constraints on, no eos stop so
 every run has the same length), batch 1 and batch 8, runs alternating torch/onnx/int8 within every round so a
-change of load hits all three; threads from kelly's policy (1 thread at batch <= 2, the free cores above) unless
+change of load hits all three; threads from kelly's policy (the free cores, measured as each run starts) unless
 `--threads`. Two conditions: `as-is` and `competing` (beside N CPU-bound busy loops this script starts). Each row
 prints the load average and the ratios onnx/torch and int8/torch.
 

@@ -9,7 +9,7 @@ prompt and no eos stop, so every run generates exactly `--new` tokens per sequen
 
 - kelly runs `kelly.samplers.stream` with each backend (`torch`, the reference; `onnx`, ONNX Runtime fp32 with the
   KV cache bound in place; `int8`, ONNX Runtime dynamic INT8) and its thread policy (`SamplingConfig.threads=None`:
-  1 thread at batch <= 2, the free cores above), as `kelly generate` does.
+  the free cores, measured as each run starts), as `kelly generate` does.
 - HF runs `GPT2LMHeadModel.generate` at 1 and at 2 intra-op threads; each ratio divides by the faster of the two, so
   the peer is not handicapped by a thread count we chose for it.
 

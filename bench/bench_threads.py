@@ -75,8 +75,8 @@ def train_tok_s(model, steps: int, threads: int) -> float:
 
 def workloads(args, model):
     "(name, policy workload kwargs, function of threads -> tok/s)."
-    return [("decode_b1", dict(workload="decode", batch_size=1), lambda n: decode_tok_s(model, 1, args.new, n)),
-            ("decode_b8", dict(workload="decode", batch_size=8), lambda n: decode_tok_s(model, 8, args.new, n)),
+    return [("decode_b1", dict(workload="decode"), lambda n: decode_tok_s(model, 1, args.new, n)),
+            ("decode_b8", dict(workload="decode"), lambda n: decode_tok_s(model, 8, args.new, n)),
             ("train", dict(workload="train"), lambda n: train_tok_s(model, args.train_steps, n))]
 
 
@@ -89,7 +89,7 @@ def run_condition(name: str, args, model) -> list[dict]:
         for r in range(args.rounds):
             for variant in ("default", "one", "policy"):
                 if variant == "policy":
-                    c = choose_threads(policy_kw["workload"], batch_size=policy_kw.get("batch_size", 1), environ={})
+                    c = choose_threads(policy_kw["workload"], environ={})
                     n = c.threads; chosen.append(n)
                 else: n = cores if variant == "default" else 1
                 res[variant].append(fn(n))

@@ -137,7 +137,7 @@ def sample_codes(prior: CodePrior,  # the code prior
     s0, reprompts, steps = P - p, [], 0
     was_training = prior.training
     prior.eval()
-    choice = choose_threads("decode", batch_size=B, override=c.threads)
+    choice = choose_threads("decode", override=c.threads)
     _log.info("%s", choice.reason)
     try:
         with torch.inference_mode(), intra_op_threads(choice.threads):

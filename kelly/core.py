@@ -4,14 +4,14 @@
 
 # %% auto #0
 __all__ = ['JSON_INDENT', 'INT_SETTING_RANGE', 'MIN_FREE_BYTES', 'KELLY_HOME_ENV', 'MEMINFO', 'TRAINING_BYTES_PER_PARAMETER',
-           'THREAD_WORKLOADS', 'SMALL_DECODE_BATCH', 'LOAD_ROUNDING', 'THREADS_ENV', 'LOG_FORMAT', 'KellyError',
-           'ConfigError', 'quoted', 'atomic_write', 'sha256_file', 'write_json', 'flatten_dict', 'Config',
+           'THREAD_WORKLOADS', 'LOAD_ROUNDING', 'LOAD_SAMPLES', 'LOAD_SAMPLE_GAP', 'THREADS_ENV', 'LOG_FORMAT',
+           'KellyError', 'ConfigError', 'quoted', 'atomic_write', 'sha256_file', 'write_json', 'flatten_dict', 'Config',
            'os_error_message', 'ensure_folder', 'format_bytes', 'not_a_file', 'check_output_folder', 'output_folder',
            'umask_mode', 'process_alive', 'FolderWalk', 'walk_files', 'default_kelly_home', 'kelly_home', 'kelly_path',
            'mps_available', 'pick_device', 'cuda_device_ids', 'available_memory', 'check_memory',
-           'check_training_memory', 'ThreadChoice', 'available_cores', 'system_load', 'free_cores', 'choose_threads',
-           'intra_op_threads', 'seed_everything', 'capture_rng_state', 'restore_rng_state', 'get_logger',
-           'setup_logging']
+           'check_training_memory', 'ThreadChoice', 'available_cores', 'system_load', 'other_load', 'free_cores',
+           'choose_threads', 'intra_op_threads', 'seed_everything', 'capture_rng_state', 'restore_rng_state',
+           'get_logger', 'setup_logging']
 
 # %% ../nbs/00_core.ipynb #a649eebb
 import dataclasses
@@ -27,8 +27,10 @@ import random
 import re
 import shutil
 import stat as stat_module
+import statistics
 import sys
 import tempfile
+import time
 import types
 import typing
 import warnings
@@ -554,8 +556,9 @@ def check_training_memory(build: typing.Callable[[int], "torch.nn.Module"],  # m
 
 # %% ../nbs/00_core.ipynb #7987c495
 THREAD_WORKLOADS = ("decode", "train", "workers", "codec")  # what `choose_threads` knows how to size
-SMALL_DECODE_BATCH = 2  # decoding up to this many sequences runs on one thread: per-step products are too small to split
-LOAD_ROUNDING = 0.5  # the load average is rounded to whole cores (0.5: to the nearest)
+LOAD_ROUNDING = 0.5  # the load is rounded to whole cores (0.5: to the nearest)
+LOAD_SAMPLES = 5  # snapshots of the run queue `other_load` takes (their median)
+LOAD_SAMPLE_GAP = 0.002  # seconds between two snapshots
 THREADS_ENV = "OMP_NUM_THREADS"  # an environment variable that pins the threads when no config asks
 
 class ThreadChoice(NamedTuple):
@@ -574,21 +577,49 @@ def system_load() -> float:
     try: return os.getloadavg()[0]
     except (AttributeError, OSError): return 0.0
 
+def _runnable_threads() -> int:
+    "Threads in the run queue now, machine-wide (Linux `/proc/stat`)."
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("procs_running"): return int(line.split()[1])
+    raise OSError("/proc/stat has no procs_running line")
+
+def _own_running_threads() -> int:
+    "This process's threads that are running or runnable now."
+    n = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f: text = f.read()
+        except FileNotFoundError: continue            # a thread that just ended
+        n += text[text.rindex(")") + 2] == "R"
+    return n
+
+def other_load(samples: int = LOAD_SAMPLES,  # snapshots of the run queue
+               gap: float = LOAD_SAMPLE_GAP,  # seconds between snapshots
+               ) -> float:
+    "Other processes' runnable threads now: the median of `samples` snapshots of the run queue less this process's own (Linux); `system_load()` where `/proc` is missing."
+    try:
+        counts = []
+        for i in range(samples):
+            if i: time.sleep(gap)
+            counts.append(_runnable_threads() - _own_running_threads())
+    except OSError: return system_load()
+    return float(max(0, statistics.median(counts)))
+
 def free_cores(cores: int | None = None,  # cores to share (default: `available_cores()`)
-               load: float | None = None,  # other processes' load (default: `system_load()`)
+               load: float | None = None,  # other processes' load (default: `other_load()`)
                ) -> int:
     "Cores not claimed by other processes' load: `cores - load`, rounded, between 1 and `cores`."
     cores = available_cores() if cores is None else cores
-    load = system_load() if load is None else load
+    load = other_load() if load is None else load
     return max(1, min(cores, int(cores - load + LOAD_ROUNDING)))
 
 def choose_threads(workload: str,  # one of `THREAD_WORKLOADS`
                    *,
-                   batch_size: int = 1,  # sequences decoded together (`decode`)
                    override: int | None = None,  # threads asked for by a config or flag (workers, for `workers`); None: the policy
                    processes: int = 1,  # processes of this job sharing the cores (torchrun ranks on one machine)
                    cores: int | None = None,  # cores to share (default: this process's affinity)
-                   load: float | None = None,  # other processes' load (default: the one-minute load average)
+                   load: float | None = None,  # other processes' load (default: `other_load()`, measured now)
                    environ: typing.Mapping[str, str] | None = None,  # where `THREADS_ENV` is read (default: `os.environ`)
                    ) -> ThreadChoice:
     "The intra-op threads (and worker processes) for `workload`: the `override`, else `THREADS_ENV`, else from the free cores."
@@ -596,9 +627,9 @@ def choose_threads(workload: str,  # one of `THREAD_WORKLOADS`
     if override is not None and override < 1: raise ConfigError(f"config key 'threads': must be at least 1 (or null: chosen per workload), got {override}")
     if processes < 1: raise ConfigError(f"processes must be at least 1, got {processes}")
     cores = available_cores() if cores is None else cores
-    load = system_load() if load is None else load
+    load = other_load() if load is None else load
     free = free_cores(cores, load)
-    where = f"{cores} core(s) available, load {load:.2f}"
+    where = f"{cores} core(s) available, other processes' load {load:.1f}"
     env = (os.environ if environ is None else environ).get(THREADS_ENV)
     if override is None and env is not None and workload != "workers":
         if env.strip().isdigit() and int(env) >= 1: return ThreadChoice(int(env), 1, f"{workload}: {int(env)} thread(s), as {THREADS_ENV} says")
@@ -607,8 +638,6 @@ def choose_threads(workload: str,  # one of `THREAD_WORKLOADS`
         if override is not None: return ThreadChoice(1, override, f"workers: {override} process(es) of 1 thread, as configured")
         return ThreadChoice(1, free, f"workers: one process of 1 thread per free core ({where})")
     if override is not None: return ThreadChoice(override, 1, f"{workload}: {override} thread(s), as configured")
-    if workload == "decode" and batch_size <= SMALL_DECODE_BATCH:
-        return ThreadChoice(1, 1, f"decode: 1 thread for batch {batch_size} (<= {SMALL_DECODE_BATCH}: products too small to split)")
     if workload == "train":     # never from the load: a run, its resume and a rerun must do the same arithmetic
         n = max(1, cores // processes)
         return ThreadChoice(n, 1, f"train: {n} thread(s) = {cores} available core(s) / {processes} process(es) (the load, {load:.2f}, is not used for training)")

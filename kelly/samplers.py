@@ -45,7 +45,7 @@ class SamplingConfig(Config):
     seed: int | None = None           # seed of the sampling generator (None: torch's global generator)
     window: int | None = None         # attention window past which the KV cache slides (None: the model's max_len; 0: attend to every position)
     bars: int = 0                     # end each piece after this many bars (prompt included), eos held until then (0: no limit)
-    threads: int | None = None        # intra-op threads while decoding on the CPU (None: kelly.core's policy, from the batch size and the free cores)
+    threads: int | None = None        # intra-op threads while decoding on the CPU (None: kelly.core's policy, the free cores)
     backend: str = "torch"            # decoding engine with the KV cache: torch (the reference), onnx (ONNX Runtime) or int8 (its dynamic INT8)
     pitch_range: tuple[int, int] | None = None  # lowest and highest pitch a pitched note may take (None: any; `kelly generate` uses the bundle's trained range)
     key_penalty: float = 0.0          # logit taken from pitches outside the major/minor scale that best fits each sequence's notes so far (0: off)
@@ -64,7 +64,7 @@ class SamplingConfig(Config):
         if self.bars < 0: raise ConfigError(f"config key 'bars': must be >= 0 (0: no limit), got {self.bars}")
         if self.backend not in BACKENDS: raise ConfigError(f"config key 'backend': {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.backend != "torch" and not self.use_cache: raise ConfigError(f"config key 'backend': {self.backend} decodes with the KV cache; use_cache=false runs torch only")
-        if self.threads is not None and self.threads < 1: raise ConfigError(f"config key 'threads': must be at least 1 (or null: chosen per batch and load), got {self.threads}")
+        if self.threads is not None and self.threads < 1: raise ConfigError(f"config key 'threads': must be at least 1 (or null: the free cores), got {self.threads}")
         if self.pitch_range is not None and not 0 <= self.pitch_range[0] <= self.pitch_range[1]:
             raise ConfigError(f"config key 'pitch_range': must be [lowest, highest] with 0 <= lowest <= highest (or null: any pitch), got {list(self.pitch_range)}")
         if not self.key_penalty >= 0: raise ConfigError(f"config key 'key_penalty': must be >= 0 (0 is off), got {self.key_penalty}")
@@ -408,7 +408,7 @@ def _decode(model, ids, c, sampler, eos, pad) -> Iterator[torch.Tensor]:
     try:
         with torch.inference_mode(), contextlib.ExitStack() as threads:
             if on_cpu:
-                choice = choose_threads("decode", batch_size=B, override=c.threads)
+                choice = choose_threads("decode", override=c.threads)
                 _log.info("%s", choice.reason)
                 threads.enter_context(intra_op_threads(choice.threads))
             sampler.observe(ids)
@@ -417,6 +417,8 @@ def _decode(model, ids, c, sampler, eos, pad) -> Iterator[torch.Tensor]:
                 decoder = make_decoder(model, c.backend, batch_size=B, threads=torch.get_num_threads())
                 cache = model.new_cache(B, window or total, sliding=bool(window))
                 logits = decoder.prefill(ids, cache)
+                if on_cpu and getattr(decoder, "owns_threads", False):   # ONNX Runtime decodes on its own pool: sampling takes one thread
+                    threads.enter_context(intra_op_threads(1))
             else:
                 seq = torch.empty(B, total, dtype=torch.long, device=device)
                 seq[:, :T0] = ids
