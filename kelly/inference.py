@@ -158,14 +158,22 @@ def export_step_onnx(model: MusicTransformer,  # a float32 model on any device (
     cpu.train(was_training)
     return _with_format(buf.getvalue())
 
+class _RootToDebug(logging.Handler):
+    "Passes what a library logs on the root logger to this module's log at debug level."
+    def emit(self, record): logging.getLogger(__name__).debug("onnxruntime.quantization: %s", record.getMessage())
+
 def quantize_int8(onnx_bytes: bytes) -> bytes:
     "The step graph with its matrix products dynamically quantized to INT8 (ONNX Runtime, int8 weights)."
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    with tempfile.TemporaryDirectory() as d:
-        src, dst = os.path.join(d, "fp32.onnx"), os.path.join(d, "int8.onnx")
-        with open(src, "wb") as f: f.write(onnx_bytes)
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-        with open(dst, "rb") as f: data = f.read()
+    root, handler = logging.getLogger(), _RootToDebug()
+    root.addHandler(handler)      # the quantizer calls logging.warning(), which would otherwise give the root logger a handler for good and print every later line twice
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            src, dst = os.path.join(d, "fp32.onnx"), os.path.join(d, "int8.onnx")
+            with open(src, "wb") as f: f.write(onnx_bytes)
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+            with open(dst, "rb") as f: data = f.read()
+    finally: root.removeHandler(handler)
     return data if step_graph_format(data) == STEP_GRAPH_FORMAT else _with_format(data)
 
 # %% ../nbs/05d_inference.ipynb #3f251714
