@@ -7,7 +7,8 @@ Workloads, each on the default job's model (`TrainConfig().model`: 4 layers, wid
 - `train`: forward, cross-entropy, backward and AdamW step on a batch of 16 x 256 random token ids.
 
 Each workload runs with three thread settings, alternating within every round so that a change of load hits all
-three alike: `default` (torch's default, one thread per available core), `one` (1 thread) and `policy`
+three alike (the order rotates every round, so none always runs right after a change of thread count): `default`
+(torch's default, one thread per available core), `one` (1 thread) and `policy`
 (`kelly.core.choose_threads`, evaluated right before the run, which reads the load at that moment). Two conditions:
 `as-is` (whatever else runs on the machine) and `competing` (the same beside N CPU-bound processes this script
 starts: busy loops, `--competitors`). Every row prints the 1-minute load average and the ratios `policy/default`
@@ -34,6 +35,7 @@ from kelly.trainers import TrainConfig
 TOP_K, TOP_P = 50, 0.95
 TRAIN_BATCH, TRAIN_LEN = 16, 256
 BUSY_LOOP = "while True: pass"
+VARIANTS = ("default", "one", "policy")
 
 
 def loadavg() -> str:
@@ -87,7 +89,7 @@ def run_condition(name: str, args, model) -> list[dict]:
         res = {"default": [], "one": [], "policy": []}
         chosen = []
         for r in range(args.rounds):
-            for variant in ("default", "one", "policy"):
+            for variant in VARIANTS[r % 3:] + VARIANTS[:r % 3]:      # rotated each round: no variant always follows a thread-count change
                 if variant == "policy":
                     c = choose_threads(policy_kw["workload"], environ={})
                     n = c.threads; chosen.append(n)

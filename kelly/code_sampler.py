@@ -9,6 +9,7 @@ __all__ = ['DEFAULT_TOP_K', 'MAX_CODE_FRAMES', 'CODE_BYTES', 'KV_TENSORS', 'AUDI
            'crossfade_gains', 'LongAudio', 'decode_long', 'spectral_flux', 'seam_ratio']
 
 # %% ../nbs/08a_code_sampler.ipynb #eab00804
+import contextlib
 import dataclasses
 import logging
 import math
@@ -22,6 +23,7 @@ from .audio import spectrogram
 from .codec import Codec
 from .prior import CodePrior, PriorError
 from .samplers import draw, top_k_top_p
+from .inference import BACKENDS, make_decoder
 
 _log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class CodeSamplingConfig(Config):
     seed: int | None = None  # seed of the sampling generator (None: torch's global generator)
     threads: int | None = None  # intra-op threads while sampling and decoding the audio (None: the thread policy, `kelly.core.choose_threads`)
     use_cache: bool = True  # KV-cached decoding; False recomputes the window at every step (slow reference)
+    backend: str = "torch"  # engine of the KV-cached steps: torch (the reference), onnx (ONNX Runtime) or int8 (its dynamic INT8); `kelly.inference`
     window: int | None = None  # frames the prior sees at once (None: its training window, `max_frames`)
     keep: float = 0.5  # share of a full window kept as the prompt of the next one (re-prompting)
     version: int = 1  # format version of this config
@@ -56,6 +59,8 @@ class CodeSamplingConfig(Config):
         if not 0.0 < self.top_p <= 1.0: raise ConfigError(f"config key 'top_p': must be in (0, 1], got {self.top_p}")
         if self.window is not None and self.window < 2: raise ConfigError(f"config key 'window': must be at least 2 frames, got {self.window}")
         if not 0.0 < self.keep < 1.0: raise ConfigError(f"config key 'keep': must be in (0, 1), got {self.keep}")
+        if self.backend not in BACKENDS: raise ConfigError(f"config key 'backend': {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.backend != "torch" and not self.use_cache: raise ConfigError(f"config key 'backend': {self.backend} decodes with the KV cache; use_cache=false runs torch only")
 
 # %% ../nbs/08a_code_sampler.ipynb #3017f600
 def draw_codes(logits: torch.Tensor,  # `[B, S, V]` next-step logits of the streams to draw
@@ -141,8 +146,9 @@ def sample_codes(prior: CodePrior,  # the code prior
     _log.info("%s", choice.reason)
     try:
         with torch.inference_mode(), intra_op_threads(choice.threads):
+            decoder = make_decoder(prior, c.backend, batch_size=B, threads=choice.threads) if c.use_cache else None
             while done < total:
-                steps += _window(prior, codes, s0, min(W, total - s0), done, c, generator)
+                steps += _window(prior, codes, s0, min(W, total - s0), done, c, generator, decoder)
                 if s0 > 0 or P > 0: reprompts.append(done)
                 done = s0 + min(W, total - s0)
                 if on_step is not None and on_step(done - P, new): break
@@ -151,7 +157,7 @@ def sample_codes(prior: CodePrior,  # the code prior
         prior.train(was_training)
     return CodeGeneration(codes[..., :done], P, reprompts, steps, float(pc.frame_rate))
 
-def _window(prior: CodePrior, codes: torch.Tensor, s0: int, W: int, known: int, c: CodeSamplingConfig, generator) -> int:
+def _window(prior: CodePrior, codes: torch.Tensor, s0: int, W: int, known: int, c: CodeSamplingConfig, generator, decoder) -> int:
     "Generate frames `known .. s0 + W` of `codes` in place, conditioning on frames `s0 .. known`; returns the decoding steps."
     pat, device = prior.pattern, codes.device
     B, K = codes.shape[0], pat.codebook_size
@@ -168,19 +174,21 @@ def _window(prior: CodePrior, codes: torch.Tensor, s0: int, W: int, known: int, 
     for j in range(first):
         seq[:, 1 + j] = torch.where(blank_t[j], pat.blank, codes[:, qt[j], ft[j]] + off[j])
     cache = prior.new_cache(B, 1 + L) if c.use_cache else None
-    logits = prior(seq[:, :1 + first], cache)[:, -1]
-    for j in range(first, L):
-        if pat.kind == "flat":   # one stream: only codebook q's slice of the vocabulary
-            lo = int(off[j, 0])
-            drawn = draw_codes(logits[:, :, lo:lo + K], c, generator)
-        else: drawn = draw_codes(logits, c, generator)
-        known_ids = codes[:, qt[j], ft[j]]
-        values = torch.where(forced_t[j], known_ids, drawn)
-        draw_here = ~forced_t[j] & ~blank_t[j]
-        if bool(draw_here.any()):
-            codes[:, qt[j][draw_here], ft[j][draw_here]] = values[:, draw_here]
-        seq[:, 1 + j] = torch.where(blank_t[j], pat.blank, values + off[j])
-        if j + 1 < L: logits = prior(seq[:, 1 + j:2 + j], cache)[:, -1] if cache is not None else prior(seq[:, :2 + j])[:, -1]
+    logits = decoder.prefill(seq[:, :1 + first], cache) if cache is not None else prior(seq[:, :1 + first])[:, -1]
+    own_pool = cache is not None and decoder.owns_threads   # ONNX Runtime decodes on its own pool: drawing takes one thread
+    with intra_op_threads(1) if own_pool else contextlib.nullcontext():
+        for j in range(first, L):
+            if pat.kind == "flat":   # one stream: only codebook q's slice of the vocabulary
+                lo = int(off[j, 0])
+                drawn = draw_codes(logits[:, :, lo:lo + K], c, generator)
+            else: drawn = draw_codes(logits, c, generator)
+            known_ids = codes[:, qt[j], ft[j]]
+            values = torch.where(forced_t[j], known_ids, drawn)
+            draw_here = ~forced_t[j] & ~blank_t[j]
+            if bool(draw_here.any()):
+                codes[:, qt[j][draw_here], ft[j][draw_here]] = values[:, draw_here]
+            seq[:, 1 + j] = torch.where(blank_t[j], pat.blank, values + off[j])
+            if j + 1 < L: logits = decoder.step(seq[:, 1 + j], cache) if cache is not None else prior(seq[:, :2 + j])[:, -1]
     return L - first
 
 # %% ../nbs/08a_code_sampler.ipynb #db9f154d

@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['BACKENDS', 'ONNX_OPSET', 'STEP_LOGIT_ATOL', 'STEP_GRAPH_FORMAT', 'STEP_GRAPH_FORMAT_KEY', 'ORT_CONTRIB_DOMAIN',
-           'STEP_INPUTS', 'InferenceError', 'CachedAttention', 'step_input_names', 'step_output_names', 'rope_cache',
-           'StepGraph', 'step_graph_format', 'export_step_onnx', 'quantize_int8', 'ring_slots', 'new_step_session',
-           'OnnxDecoder', 'step_onnx', 'attach_step_onnx', 'step_session', 'make_decoder']
+           'STEP_INPUTS', 'StepModel', 'InferenceError', 'CachedAttention', 'step_input_names', 'step_output_names',
+           'rope_cache', 'step_config', 'step_token_shape', 'step_logit_shape', 'ForwardDecoder', 'StepGraph',
+           'step_graph_format', 'export_step_onnx', 'quantize_int8', 'ring_slots', 'new_step_session', 'OnnxDecoder',
+           'step_onnx', 'attach_step_onnx', 'step_session', 'make_decoder']
 
 # %% ../nbs/05d_inference.ipynb #72bf6b44
 import io
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import KellyError
-from .models import IncrementalDecoder, KVCache, MusicTransformer, apply_rope, rope_angles
+from .models import IncrementalDecoder, KVCache, MusicTransformer, TransformerConfig, apply_rope, rope_angles
+from .prior import CodePrior
 
 # %% ../nbs/05d_inference.ipynb #4503f1b1
 BACKENDS = ("torch", "onnx", "int8")  # decoding engines `make_decoder` knows
@@ -92,16 +94,49 @@ def rope_cache(n: int,  # positions (0 .. n-1)
     half = head_dim // 2
     return cos[:, :half].contiguous(), sin[:, half:].contiguous()
 
+StepModel = MusicTransformer | CodePrior  # the models a step graph is built for
+
+def step_config(model: StepModel) -> TransformerConfig:
+    "The transformer settings of a decodable model: a `MusicTransformer`'s config, a `CodePrior`'s `tconfig`."
+    return model.tconfig if isinstance(model, CodePrior) else model.config
+
+def step_token_shape(model: StepModel) -> tuple:
+    "The shape of one sequence's step input: `()` for a token, `(streams,)` for a code prior's ids."
+    return (model.pattern.n_streams,) if isinstance(model, CodePrior) else ()
+
+def step_logit_shape(model: StepModel) -> tuple:
+    "The shape of one sequence's next-step logits: `(vocab,)`, or `(streams, vocab)` for a code prior."
+    return (model.pattern.n_streams, model.pattern.vocab) if isinstance(model, CodePrior) else (model.config.vocab_size,)
+
+class ForwardDecoder:
+    "The torch reference for a model without `IncrementalDecoder`'s fast path: `prefill` and `step` are its cached `forward`."
+    owns_threads = False  # decodes with torch's threads
+
+    def __init__(self, model: StepModel):  # a model whose `forward(ids, cache)` appends to a `KVCache`
+        self.model = model
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor,  # [B, T] (or [B, T, streams])
+                cache: KVCache) -> torch.Tensor:
+        "The prompt through the model into `cache`; logits of its last position."
+        return self.model(ids, cache)[:, -1]
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor,  # [B] (or [B, streams]): one step per sequence
+             cache: KVCache) -> torch.Tensor:
+        "One position per sequence; its logits."
+        return self.model(tokens[:, None], cache)[:, -1]
+
 class StepGraph(nn.Module):
-    "One decoding step of a `MusicTransformer`: the KV cache as one input (`past_*`) and one output (`present_*`) per layer."
-    def __init__(self, model: MusicTransformer):  # the model whose modules the graph calls
+    "One decoding step of a `MusicTransformer` or `CodePrior`: the KV cache as one input (`past_*`) and one output (`present_*`) per layer."
+    def __init__(self, model: StepModel):  # the model whose modules the graph calls
         super().__init__()
         self.model = model
-        c = model.config
+        c = step_config(model)
         self.H, self.C = c.n_heads, c.width
         self.scale = c.head_dim ** -0.5
 
-    def forward(self, tokens: torch.Tensor,  # int64 [B]: one token per sequence
+    def forward(self, tokens: torch.Tensor,  # int64 [B]: one token per sequence ([B, streams] for a code prior)
                 seqlens_k: torch.Tensor,  # int32 [B]: the cache slot the new position goes to
                 total_sequence_length: torch.Tensor,  # int32 scalar: slots attended to (seqlens_k + 1)
                 cos_cache: torch.Tensor, sin_cache: torch.Tensor,  # [positions, head_dim / 2]: `rope_cache`
@@ -110,7 +145,7 @@ class StepGraph(nn.Module):
                 ):
         "`(logits [B, vocab], present_key_0, present_value_0, ...)`."
         m, B = self.model, tokens.shape[0]
-        x = m.embed(tokens)
+        x = m.embed(tokens + m.stream_offsets).sum(1) if isinstance(m, CodePrior) else m.embed(tokens)   # a prior sums its streams' embeddings
         presents = []
         for l, blk in enumerate(m.blocks):
             qkv = blk.attn.qkv(blk.norm1(x)).view(B, 1, 3 * self.C)
@@ -119,7 +154,7 @@ class StepGraph(nn.Module):
             presents += [pk, pv]
             x = x + blk.attn.proj(y.view(B, self.C))
             x = x + blk.mlp(blk.norm2(x))
-        return (m.head(m.norm(x)), *presents)
+        return (m.head(m.norm(x)).view(B, *step_logit_shape(m)), *presents)
 
 def step_graph_format(onnx_bytes: bytes) -> str | None:
     "The `STEP_GRAPH_FORMAT` an exported step graph was written with (None: a graph from before formats were recorded)."
@@ -132,18 +167,18 @@ def _with_format(onnx_bytes: bytes) -> bytes:
     entry.key, entry.value = STEP_GRAPH_FORMAT_KEY, STEP_GRAPH_FORMAT
     return proto.SerializeToString()
 
-def export_step_onnx(model: MusicTransformer,  # a float32 model on any device (exported from a CPU copy)
+def export_step_onnx(model: StepModel,  # a float32 model on any device (exported from a CPU copy)
                      ) -> bytes:
     "The ONNX bytes of `StepGraph(model)`, with batch and cache capacity dynamic, its format in the metadata."
     if model.embed.weight.dtype != torch.float32: raise InferenceError(f"ONNX export needs a float32 model, got {model.embed.weight.dtype}")
     cpu = model
     if model.embed.weight.device.type != "cpu":
-        cpu = MusicTransformer(model.config); cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
-    c, was_training = model.config, cpu.training
+        cpu = type(model)(model.config); cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+    c, was_training = step_config(model), cpu.training
     graph = StepGraph(cpu.eval())
     B, capacity = 2, 3
     past = [torch.zeros(B, c.n_heads, capacity, c.head_dim) for _ in range(2 * c.n_layers)]
-    args = (torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.int32), torch.tensor(1, dtype=torch.int32),
+    args = (torch.zeros(B, *step_token_shape(model), dtype=torch.long), torch.zeros(B, dtype=torch.int32), torch.tensor(1, dtype=torch.int32),
             *rope_cache(4, c.head_dim, c.rope_base), torch.zeros(B, 1, dtype=torch.long), *past)
     inputs, outputs = step_input_names(c.n_layers), step_output_names(c.n_layers)
     dynamic = {"tokens": {0: "batch"}, "seqlens_k": {0: "batch"}, "position_ids": {0: "batch"}, "logits": {0: "batch"},
@@ -205,12 +240,12 @@ class OnnxDecoder:
     "ONNX Runtime decoding with the same `prefill` / `step` calls as `IncrementalDecoder` (the cache argument is the torch cache it mirrors)."
     owns_threads = True  # decodes on ONNX Runtime's own threads: torch's work between steps should take one
 
-    def __init__(self, model: MusicTransformer,  # the model (prefill runs in it; its config sizes the buffer)
+    def __init__(self, model: StepModel,  # the model (prefill runs in it; its config sizes the buffer)
                  graph: bytes | onnxruntime.InferenceSession,  # `export_step_onnx(model)` (or `quantize_int8` of it), or a `step_session` of it
                  *,
                  threads: int = 1,  # ONNX Runtime's intra-op threads (for a graph given as bytes)
                  name: str = "onnx"):  # the backend's name, for messages
-        self.model, self.config, self.name = model, model.config, name
+        self.model, self.config, self.name = model, step_config(model), name
         self.session = graph if isinstance(graph, onnxruntime.InferenceSession) else new_step_session(graph, threads, name)
         self.buf = None
 
@@ -224,7 +259,7 @@ class OnnxDecoder:
         for name, t in zip(("cos_cache", "sin_cache"), self.rope): self._bind(name, t)
 
     @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor,  # prompt ids [B, T]
+    def prefill(self, ids: torch.Tensor,  # prompt ids [B, T] ([B, T, streams] for a code prior)
                 cache: KVCache,  # the torch cache (filled here; its length follows the steps)
                 ) -> torch.Tensor:
         "Run the prompt through the torch model, move its cache into the buffer and bind it; logits [B, vocab] of the last position."
@@ -233,9 +268,9 @@ class OnnxDecoder:
         c, B = self.config, ids.shape[0]
         held = ring_slots(cache.length, cache.capacity) % cache.capacity            # torch's slot of the position each slot holds
         self.buf = cache.kv.index_select(4, held).permute(0, 2, 1, 3, 4, 5).contiguous()   # [layers, 2, B, heads, capacity, head_dim]
-        self.tokens, self.seqlens = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.int32)
+        self.tokens, self.seqlens = torch.zeros(B, *step_token_shape(self.model), dtype=torch.long), torch.zeros(B, dtype=torch.int32)
         self.total, self.position = torch.zeros((), dtype=torch.int32), torch.zeros(B, 1, dtype=torch.long)
-        self.logits = torch.empty(B, c.vocab_size)
+        self.logits = torch.empty(B, *step_logit_shape(self.model))
         self.binding = self.session.io_binding()
         for name, t in (("tokens", self.tokens), ("seqlens_k", self.seqlens), ("total_sequence_length", self.total), ("position_ids", self.position)):
             self._bind(name, t)
@@ -247,7 +282,7 @@ class OnnxDecoder:
         return logits
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor,  # one new token per sequence, int [B]
+    def step(self, tokens: torch.Tensor,  # one new token per sequence, int [B] ([B, streams] for a code prior)
              cache: KVCache,  # the cache `prefill` filled (only its length and capacity are used)
              ) -> torch.Tensor:
         "Append one token per sequence; logits [B, vocab] (a buffer reused by the next step: use it before then)."
@@ -271,19 +306,28 @@ _ONNX_ATTR = "_kelly_step_onnx"
 def _weights_key(model: nn.Module) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
-def _check_step(model: MusicTransformer, onnx_bytes: bytes, atol: float) -> float:
+def _torch_decoder(model: StepModel, batch_size: int = 1):
+    "The torch reference decoder: `IncrementalDecoder`'s fast path for the music transformer, the cached forward otherwise."
+    return IncrementalDecoder(model, batch_size=batch_size) if isinstance(model, MusicTransformer) else ForwardDecoder(model)
+
+def _random_ids(model: StepModel, shape: tuple, g: torch.Generator) -> torch.Tensor:
+    "Valid step inputs: token ids, or a prior's ids per stream (its codes and blank)."
+    high = model.pattern.vocab + 1 if isinstance(model, CodePrior) else model.config.vocab_size
+    return torch.randint(0, high, (*shape, *step_token_shape(model)), generator=g)
+
+def _check_step(model: StepModel, onnx_bytes: bytes, atol: float) -> float:
     "Largest logit difference between the ONNX step and torch's over a short prompt; raises `InferenceError` above `atol`."
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=g)
+    ids = _random_ids(model, (2, 5), g)
     ref_cache, onnx_cache = model.new_cache(2, 8), model.new_cache(2, 8)
-    ref, dec = IncrementalDecoder(model, batch_size=2), OnnxDecoder(model, onnx_bytes)
+    ref, dec = _torch_decoder(model, 2), OnnxDecoder(model, onnx_bytes)
     ref.prefill(ids, ref_cache); dec.prefill(ids, onnx_cache)
-    tokens = torch.randint(0, model.config.vocab_size, (2,), generator=g)
+    tokens = _random_ids(model, (2,), g)
     diff = float((ref.step(tokens, ref_cache) - dec.step(tokens, onnx_cache)).abs().max())
     if not diff <= atol: raise InferenceError(f"the exported step's logits differ from torch's by {diff:.3g} (allowed {atol:g})")
     return diff
 
-def step_onnx(model: MusicTransformer,  # the model (float32)
+def step_onnx(model: StepModel,  # the model (float32)
               backend: str = "onnx",  # "onnx" (fp32) or "int8"
               ) -> bytes:
     "The model's step graph for `backend`, exported (and checked) once per set of weights."
@@ -315,7 +359,7 @@ def attach_step_onnx(model: MusicTransformer,  # the model the graph was exporte
     object.__setattr__(model, _ONNX_ATTR, {"key": _weights_key(model), "onnx": onnx_bytes})
     return True
 
-def step_session(model: MusicTransformer,  # the model (float32, on the CPU)
+def step_session(model: StepModel,  # the model (float32, on the CPU)
                  backend: str = "onnx",  # "onnx" or "int8"
                  threads: int = 1,  # ONNX Runtime's intra-op threads
                  ) -> onnxruntime.InferenceSession:
@@ -328,7 +372,7 @@ def step_session(model: MusicTransformer,  # the model (float32, on the CPU)
         store[key] = new_step_session(data, threads, backend)
     return store[key]
 
-def make_decoder(model: MusicTransformer,  # the language model
+def make_decoder(model: StepModel,  # the language model (or a code prior)
                  backend: str = "torch",  # one of `BACKENDS`
                  *,
                  batch_size: int = 1,  # sequences decoded together
@@ -336,6 +380,6 @@ def make_decoder(model: MusicTransformer,  # the language model
                  ):
     "A decoder with `prefill(ids, cache)` and `step(tokens, cache)` for `backend`."
     if backend not in BACKENDS: raise InferenceError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend == "torch": return IncrementalDecoder(model, batch_size=batch_size)
+    if backend == "torch": return _torch_decoder(model, batch_size)
     if model.embed.weight.device.type != "cpu": raise InferenceError(f"the {backend} backend runs on the CPU; the model is on {model.embed.weight.device}")
     return OnnxDecoder(model, step_session(model, backend, threads or torch.get_num_threads()), name=backend)
