@@ -251,6 +251,24 @@ def test_absurd_audio_generation_values_are_refused_before_work(prior_run, home,
         assert not (tmp_path/"g").exists() or not any((tmp_path/"g").iterdir()), argv
 
 
+def test_audio_generation_backends(prior_run, home, tmp_path, capsys):
+    "kelly audio generate --backend: ONNX Runtime's greedy codes give torch's audio; INT8 writes audio too; an unknown backend is refused."
+    import soundfile
+    wavs = {}
+    for backend in ("torch", "onnx", "int8"):
+        status, out, err = _cli(capsys, "audio", "generate", "--model", prior_run, "--seconds", "1", "-n", "1", "--temperature", "0",
+                                "--backend", backend, "--out", tmp_path/backend, home=home)
+        assert status == 0, (backend, err)
+        assert ("exported the decoding step to ONNX" in err) == (backend != "torch"), (backend, err)   # the backend asked for is the one used
+        wav, = sorted((tmp_path/backend).glob("*.wav"))
+        wavs[backend], _ = soundfile.read(wav)
+    np.testing.assert_array_equal(wavs["onnx"], wavs["torch"])
+    assert wavs["int8"].shape == wavs["torch"].shape and np.isfinite(wavs["int8"]).all()
+    status, out, err = _cli(capsys, "audio", "generate", "--model", prior_run, "--backend", "tensorrt", "--out", tmp_path/"x", home=home)
+    assert status == 1 and "'backend'" in err and "Traceback" not in err, err
+    assert not (tmp_path/"x").exists()
+
+
 def test_tokenize_check_is_honest(tmp_path, inputs, home, capsys):
     (tmp_path/"empty").mkdir(); (tmp_path/"text").mkdir(); (tmp_path/"text"/"a.txt").write_text("x")
     (tmp_path/"bad").mkdir(); (tmp_path/"bad"/"a.mid").write_text("not MIDI")
