@@ -9,7 +9,6 @@ __all__ = ['DEFAULT_TOP_K', 'MAX_CODE_FRAMES', 'CODE_BYTES', 'KV_TENSORS', 'AUDI
            'crossfade_gains', 'LongAudio', 'decode_long', 'spectral_flux', 'seam_ratio']
 
 # %% ../nbs/08a_code_sampler.ipynb #eab00804
-import contextlib
 import dataclasses
 import logging
 import math
@@ -23,7 +22,7 @@ from .audio import spectrogram
 from .codec import Codec
 from .prior import CodePrior, PriorError
 from .samplers import draw, top_k_top_p
-from .inference import BACKENDS, make_decoder
+from .inference import check_backend, make_decoder, sampling_threads
 
 _log = logging.getLogger(__name__)
 
@@ -59,8 +58,7 @@ class CodeSamplingConfig(Config):
         if not 0.0 < self.top_p <= 1.0: raise ConfigError(f"config key 'top_p': must be in (0, 1], got {self.top_p}")
         if self.window is not None and self.window < 2: raise ConfigError(f"config key 'window': must be at least 2 frames, got {self.window}")
         if not 0.0 < self.keep < 1.0: raise ConfigError(f"config key 'keep': must be in (0, 1), got {self.keep}")
-        if self.backend not in BACKENDS: raise ConfigError(f"config key 'backend': {self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if self.backend != "torch" and not self.use_cache: raise ConfigError(f"config key 'backend': {self.backend} decodes with the KV cache; use_cache=false runs torch only")
+        check_backend(self.backend, self.use_cache)
 
 # %% ../nbs/08a_code_sampler.ipynb #3017f600
 def draw_codes(logits: torch.Tensor,  # `[B, S, V]` next-step logits of the streams to draw
@@ -175,8 +173,7 @@ def _window(prior: CodePrior, codes: torch.Tensor, s0: int, W: int, known: int, 
         seq[:, 1 + j] = torch.where(blank_t[j], pat.blank, codes[:, qt[j], ft[j]] + off[j])
     cache = prior.new_cache(B, 1 + L) if c.use_cache else None
     logits = decoder.prefill(seq[:, :1 + first], cache) if cache is not None else prior(seq[:, :1 + first])[:, -1]
-    own_pool = cache is not None and decoder.owns_threads   # ONNX Runtime decodes on its own pool: drawing takes one thread
-    with intra_op_threads(1) if own_pool else contextlib.nullcontext():
+    with sampling_threads(decoder):       # ONNX Runtime decodes on its own pool: drawing takes one torch thread
         for j in range(first, L):
             if pat.kind == "flat":   # one stream: only codebook q's slice of the vocabulary
                 lo = int(off[j, 0])

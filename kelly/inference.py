@@ -4,12 +4,13 @@
 
 # %% auto #0
 __all__ = ['BACKENDS', 'ONNX_OPSET', 'STEP_LOGIT_ATOL', 'STEP_GRAPH_FORMAT', 'STEP_GRAPH_FORMAT_KEY', 'ORT_CONTRIB_DOMAIN',
-           'STEP_INPUTS', 'StepModel', 'InferenceError', 'CachedAttention', 'step_input_names', 'step_output_names',
-           'rope_cache', 'step_config', 'step_token_shape', 'step_logit_shape', 'ForwardDecoder', 'StepGraph',
-           'step_graph_format', 'export_step_onnx', 'quantize_int8', 'ring_slots', 'new_step_session', 'OnnxDecoder',
-           'step_onnx', 'attach_step_onnx', 'step_session', 'make_decoder']
+           'STEP_INPUTS', 'StepModel', 'InferenceError', 'check_backend', 'CachedAttention', 'step_input_names',
+           'step_output_names', 'rope_cache', 'step_config', 'step_token_shape', 'step_logit_shape', 'ForwardDecoder',
+           'StepGraph', 'step_graph_format', 'export_step_onnx', 'quantize_int8', 'ring_slots', 'new_step_session',
+           'OnnxDecoder', 'step_onnx', 'attach_step_onnx', 'step_session', 'make_decoder', 'sampling_threads']
 
 # %% ../nbs/05d_inference.ipynb #72bf6b44
+import contextlib
 import io
 import logging
 import os
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import KellyError
+from .core import ConfigError, KellyError, intra_op_threads
 from .models import IncrementalDecoder, KVCache, MusicTransformer, TransformerConfig, apply_rope, rope_angles
 from .prior import CodePrior
 
@@ -37,6 +38,13 @@ ORT_CONTRIB_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators (GroupQ
 
 class InferenceError(KellyError, RuntimeError):
     "A decoding backend that cannot be built or does not match the torch reference."
+
+def check_backend(backend: str,  # a sampling config's `backend`
+                  use_cache: bool,  # its `use_cache`
+                  ):
+    "Refuse, naming the config key, a backend kelly does not know or one asked for without the KV cache (only torch recomputes)."
+    if backend not in BACKENDS: raise ConfigError(f"config key 'backend': {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend != "torch" and not use_cache: raise ConfigError(f"config key 'backend': {backend} decodes with the KV cache; use_cache=false runs torch only")
 
 class CachedAttention(torch.autograd.Function):
     "One query per sequence against a KV cache updated in place, rotary embedding included: ONNX Runtime's `GroupQueryAttention`, in torch and for export."
@@ -110,8 +118,6 @@ def step_logit_shape(model: StepModel) -> tuple:
 
 class ForwardDecoder:
     "The torch reference for a model without `IncrementalDecoder`'s fast path: `prefill` and `step` are its cached `forward`."
-    owns_threads = False  # decodes with torch's threads
-
     def __init__(self, model: StepModel):  # a model whose `forward(ids, cache)` appends to a `KVCache`
         self.model = model
 
@@ -207,9 +213,8 @@ def quantize_int8(onnx_bytes: bytes) -> bytes:
             src, dst = os.path.join(d, "fp32.onnx"), os.path.join(d, "int8.onnx")
             with open(src, "wb") as f: f.write(onnx_bytes)
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-            with open(dst, "rb") as f: data = f.read()
+            with open(dst, "rb") as f: return f.read()        # the metadata (the graph's format) comes through
     finally: root.removeHandler(handler)
-    return data if step_graph_format(data) == STEP_GRAPH_FORMAT else _with_format(data)
 
 # %% ../nbs/05d_inference.ipynb #3f251714
 def ring_slots(length: int,  # positions seen
@@ -383,3 +388,9 @@ def make_decoder(model: StepModel,  # the language model (or a code prior)
     if backend == "torch": return _torch_decoder(model, batch_size)
     if model.embed.weight.device.type != "cpu": raise InferenceError(f"the {backend} backend runs on the CPU; the model is on {model.embed.weight.device}")
     return OnnxDecoder(model, step_session(model, backend, threads or torch.get_num_threads()), name=backend)
+
+# %% ../nbs/05d_inference.ipynb #7c9244d0
+def sampling_threads(decoder,  # a decoder from `make_decoder`
+                     ):
+    "The context to sample in between steps: torch on one thread while ONNX Runtime decodes on its own pool, torch's threads as they are otherwise."
+    return intra_op_threads(1) if getattr(decoder, "owns_threads", False) else contextlib.nullcontext()

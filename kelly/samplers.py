@@ -21,7 +21,7 @@ from .tokenizer import Tokenizer, TokenType
 from .models import MusicTransformer
 from .metrics import N_PITCH_CLASSES
 from .music_metrics import SCALES
-from .inference import BACKENDS, make_decoder
+from .inference import check_backend, make_decoder, sampling_threads
 
 # %% ../nbs/08_samplers.ipynb #3889086f
 _log = logging.getLogger(__name__)
@@ -62,8 +62,7 @@ class SamplingConfig(Config):
         if self.repetition_penalty <= 0: raise ConfigError(f"config key 'repetition_penalty': must be > 0 (1 is off), got {self.repetition_penalty}")
         if self.window is not None and self.window < 0: raise ConfigError(f"config key 'window': must be >= 0 (0: no window) or null (the model's max_len), got {self.window}")
         if self.bars < 0: raise ConfigError(f"config key 'bars': must be >= 0 (0: no limit), got {self.bars}")
-        if self.backend not in BACKENDS: raise ConfigError(f"config key 'backend': {self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if self.backend != "torch" and not self.use_cache: raise ConfigError(f"config key 'backend': {self.backend} decodes with the KV cache; use_cache=false runs torch only")
+        check_backend(self.backend, self.use_cache)
         if self.threads is not None and self.threads < 1: raise ConfigError(f"config key 'threads': must be at least 1 (or null: the free cores), got {self.threads}")
         if self.pitch_range is not None and not 0 <= self.pitch_range[0] <= self.pitch_range[1]:
             raise ConfigError(f"config key 'pitch_range': must be [lowest, highest] with 0 <= lowest <= highest (or null: any pitch), got {list(self.pitch_range)}")
@@ -417,8 +416,7 @@ def _decode(model, ids, c, sampler, eos, pad) -> Iterator[torch.Tensor]:
                 decoder = make_decoder(model, c.backend, batch_size=B, threads=torch.get_num_threads())
                 cache = model.new_cache(B, window or total, sliding=bool(window))
                 logits = decoder.prefill(ids, cache)
-                if on_cpu and getattr(decoder, "owns_threads", False):   # ONNX Runtime decodes on its own pool: sampling takes one thread
-                    threads.enter_context(intra_op_threads(1))
+                threads.enter_context(sampling_threads(decoder))
             else:
                 seq = torch.empty(B, total, dtype=torch.long, device=device)
                 seq[:, :T0] = ids
